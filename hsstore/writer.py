@@ -1,0 +1,434 @@
+"""StoreWriter: append samples, write whole shards in the background, commit, resume.
+
+One writer owns one part (a data-parallel rank). Samples are buffered token-major until a shard
+boundary; each full shard is encoded and written by a background thread (overlapping the caller's
+forward pass), then the sample table and the commit record follow. `close()` writes the last,
+partial shard. Reopening with `resume=True` reloads that partial tail into the buffer, so the next
+shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import crc32c
+import numpy as np
+import torch
+import zarr
+
+from . import layout
+from .codecs import ensure_blosc_split, get_codec
+from .commit import CommitRecord
+from .errors import IncompatibleStoreError, NotAStoreError, SampleError, StoreExistsError
+from .layout import TokenArray
+from .manifest import MANIFEST_KEY, Manifest
+from .storage import open_store
+
+MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
+
+
+@dataclass
+class _PendingSample:
+    length: int
+    loss_tokens: int
+    sample_id: str
+    source: int
+    content_hash: int
+    loss_ids: np.ndarray  # target ids under the loss mask, for token_freq
+
+
+@dataclass
+class _ShardJob:
+    start: int  # first row of the shard slot
+    rows: dict[str, np.ndarray]  # array name -> encoded rows [start, start + n)
+    completed: list[_PendingSample] = field(default_factory=list)
+
+
+class StoreWriter:
+    """Appends samples to one part of a store. Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        location: str,
+        manifest: Manifest,
+        *,
+        rank: int = 0,
+        resume: bool = False,
+        overwrite: bool = False,
+    ) -> None:
+        if not 0 <= rank < manifest.num_parts:
+            raise IncompatibleStoreError(f"rank {rank} is outside 0..{manifest.num_parts - 1} (num_parts)")
+        layout.check_chunk_sizes(manifest)
+        ensure_blosc_split()
+        self.location = location
+        self.rank = rank
+        self._store = open_store(location, read_only=False)
+        self.manifest = self._open_root(manifest, overwrite)
+        self._arrays = layout.token_arrays(self.manifest)
+        self._shard = self.manifest.geometry.shard_tokens
+        self._vocab = self.manifest.target.vocab_size
+        self._part, self.commit = self._open_part(resume, overwrite)
+        self._zarr = {a.name: self._part[a.name] for a in self._arrays}
+        self._samples = {name: self._part[f"{layout.SAMPLES_GROUP}/{name}"] for name in layout.SAMPLE_FIELDS}
+        self._token_freq = self._load_token_freq()
+        # buffer: rows from self._buffer_start on, not yet handed to a shard job
+        self._buffer_start = (self.commit.tokens // self._shard) * self._shard
+        self._buffer: dict[str, list[np.ndarray]] = {a.name: [] for a in self._arrays}
+        self._buffered_rows = 0
+        self._reload_tail()
+        self._pending: list[_PendingSample] = []
+        self._pending_end_rows: list[int] = []
+        self._appended = self.commit.samples  # samples accepted so far, committed or not
+        self._rows = self.commit.tokens  # rows accepted so far
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsstore-writer")
+        self._inflight: list[Future] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.commit.closed = False
+
+    # --- opening ----------------------------------------------------------------------------
+    def _open_root(self, manifest: Manifest, overwrite: bool) -> Manifest:
+        try:
+            root = zarr.open_group(self._store, mode="r+", zarr_format=3)
+        except FileNotFoundError:
+            root = None
+        if root is not None and MANIFEST_KEY not in root.attrs:
+            if list(root.keys()):
+                raise NotAStoreError(f"{self.location} is a zarr group but not an hsstore store; pick another path")
+            root = None
+        if root is not None and not overwrite:
+            existing = Manifest.from_dict(dict(root.attrs[MANIFEST_KEY]), where=self.location)
+            manifest.check_same_content(existing, where=self.location)
+            return existing
+        if overwrite and root is not None and manifest.num_parts == 1:
+            root = zarr.open_group(self._store, mode="w", zarr_format=3)
+        elif root is None:
+            root = zarr.open_group(self._store, mode="a", zarr_format=3)
+        root.attrs[MANIFEST_KEY] = manifest.to_dict()
+        return manifest
+
+    def _open_part(self, resume: bool, overwrite: bool) -> tuple[zarr.Group, CommitRecord]:
+        path = layout.part_path(self.rank)
+        root = zarr.open_group(self._store, mode="r+", zarr_format=3)
+        if path in root and not overwrite:
+            part = root[path]
+            commit = CommitRecord.from_attrs(part.attrs.get(layout.COMMIT_KEY), f"{self.location}/{path}")
+            if commit.samples and not resume:
+                raise StoreExistsError(
+                    f"{self.location}/{path} already holds {commit.samples} committed samples; "
+                    "pass resume=True (--resume) to continue it or overwrite=True (--overwrite) to replace it"
+                )
+            self._truncate_to_commit(part, commit)
+            return part, commit
+        part = root.create_group(path, overwrite=True)
+        self._create_arrays(part)
+        commit = CommitRecord()
+        part.attrs[layout.COMMIT_KEY] = commit.stamped()
+        return part, commit
+
+    def _create_arrays(self, part: zarr.Group) -> None:
+        g = self.manifest.geometry
+        for a in self._arrays:
+            shape = a.stored.per_token_shape
+            part.create_array(
+                a.name,
+                shape=(0, *shape),
+                dtype=a.stored.dtype,
+                chunks=(g.chunk_tokens, *shape),
+                shards=(g.shard_tokens, *shape),
+                compressors=a.stored.compressors or None,
+                fill_value=0,
+                attributes=self._array_attrs(a),
+                config={"write_empty_chunks": True},
+            )
+            if a.stored.raw_layout:
+                part.create_array(f"shard_crc32c/{a.name}", shape=(0,), dtype="uint32", chunks=(4096,))
+        for name, dtype in layout.SAMPLE_FIELDS.items():
+            part.create_array(f"{layout.SAMPLES_GROUP}/{name}", shape=(0,), dtype=dtype, chunks=(layout.SAMPLE_CHUNK,))
+        part.create_array(layout.TOKEN_FREQ, shape=(self._vocab,), dtype="int64", chunks=(self._vocab,), fill_value=0)
+
+    def _array_attrs(self, a: TokenArray) -> dict:
+        if a.role is None:
+            return {}
+        spec = self.manifest.hidden_spec(a.role)
+        return {
+            "role": a.role,
+            "layer_ids": list(spec.layer_ids),
+            "codec": spec.codec,
+            "logical_dtype": spec.logical_dtype if not a.stored.suffix else str(a.stored.dtype),
+        }
+
+    def _truncate_to_commit(self, part: zarr.Group, commit: CommitRecord) -> None:
+        """Drop whatever a crashed writer left past its last commit record."""
+        for name in layout.SAMPLE_FIELDS:
+            arr = part[f"{layout.SAMPLES_GROUP}/{name}"]
+            if arr.shape[0] != commit.samples:
+                arr.resize((commit.samples,))
+
+    def _reload_tail(self) -> None:
+        """Put committed rows of the last, partial shard back in the buffer to be rewritten whole."""
+        tail = self.commit.tokens - self._buffer_start
+        if tail <= 0:
+            return
+        for name, arr in self._zarr.items():
+            self._buffer[name].append(np.asarray(arr[self._buffer_start : self.commit.tokens]))
+        self._buffered_rows = tail
+
+    def _load_token_freq(self) -> np.ndarray:
+        freq = np.asarray(self._part[layout.TOKEN_FREQ][:], dtype=np.int64)
+        if int(freq.sum()) == self.commit.loss_tokens:
+            return freq
+        # a crash between the freq write and the commit record: recount from committed rows
+        return recount_token_freq(self._zarr["input_ids"], self._zarr["loss_mask"], self.commit.tokens, self._vocab)
+
+    # --- appending --------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        """Samples accepted so far (committed or buffered)."""
+        return self._appended
+
+    def committed_sample_ids(self) -> list[str]:
+        return [str(s) for s in self._samples["sample_id"][: self.commit.samples]]
+
+    def append(
+        self,
+        input_ids: torch.Tensor | np.ndarray,
+        loss_mask: torch.Tensor | np.ndarray,
+        hidden: dict[str, torch.Tensor],
+        *,
+        sample_id: str | None = None,
+        source: str = "",
+    ) -> None:
+        """Buffer one sample; full shards go to the background writer."""
+        self._raise_background_error()
+        if self._closed:
+            raise RuntimeError(f"writer for {self.location} is closed")
+        sid = sample_id if sample_id is not None else str(self._appended)
+        ids, mask = self._check_tokens(input_ids, loss_mask, sid)
+        encoded = {"input_ids": ids, "loss_mask": mask}
+        encoded.update(self._encode_hidden(hidden, len(ids), sid))
+        for name, rows in encoded.items():
+            self._buffer[name].append(rows)
+        self._buffered_rows += len(ids)
+        self._rows += len(ids)
+        loss_ids = ids[mask.astype(bool)]
+        self._pending.append(
+            _PendingSample(
+                length=len(ids),
+                loss_tokens=len(loss_ids),
+                sample_id=sid,
+                source=self._source_index(source),
+                content_hash=content_hash(ids, mask),
+                loss_ids=loss_ids,
+            )
+        )
+        self._pending_end_rows.append(self._rows)
+        self._appended += 1
+        while self._buffered_rows >= self._shard:
+            self._submit(self._take_rows(self._shard))
+
+    def _check_tokens(self, input_ids, loss_mask, sid: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = _as_numpy(input_ids)
+        mask = _as_numpy(loss_mask)
+        where = f"{self.location}: sample {sid!r}"
+        if ids.ndim != 1 or mask.ndim != 1:
+            raise SampleError(f"{where}: input_ids and loss_mask must be 1-D, got shapes {ids.shape} and {mask.shape}")
+        if len(ids) == 0:
+            raise SampleError(f"{where}: empty sample (0 tokens); drop it before writing")
+        if len(mask) != len(ids):
+            raise SampleError(f"{where}: loss_mask has {len(mask)} tokens but input_ids has {len(ids)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise SampleError(f"{where}: input_ids must be integers, got {ids.dtype}")
+        if ids.min() < 0 or ids.max() >= self._vocab:
+            raise SampleError(
+                f"{where}: token id {int(ids.max() if ids.max() >= self._vocab else ids.min())} is outside the "
+                f"target vocab 0..{self._vocab - 1}; was it tokenized with another tokenizer?"
+            )
+        if (
+            not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_)
+            or mask.max(initial=0) > 1
+            or mask.min(initial=0) < 0
+        ):
+            raise SampleError(
+                f"{where}: loss_mask must hold only 0/1 (or bool), got {mask.dtype} {np.unique(mask)[:5]}"
+            )
+        limit = self.manifest.max_seq_length
+        if limit is not None and len(ids) > limit:
+            raise SampleError(f"{where}: {len(ids)} tokens exceeds max_seq_length {limit}; truncate it first")
+        return ids.astype(np.int32, copy=False), mask.astype(np.uint8, copy=False)
+
+    def _encode_hidden(self, hidden: dict[str, torch.Tensor], n: int, sid: str) -> dict[str, np.ndarray]:
+        where = f"{self.location}: sample {sid!r}"
+        expected = set(self.manifest.roles)
+        if set(hidden) != expected:
+            raise SampleError(f"{where}: hidden states for roles {sorted(hidden)}, the store needs {sorted(expected)}")
+        out: dict[str, np.ndarray] = {}
+        for spec in self.manifest.hidden:
+            t = hidden[spec.role]
+            if not isinstance(t, torch.Tensor):
+                raise SampleError(f"{where}: hidden[{spec.role!r}] must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != (n, *spec.per_token_shape):
+                raise SampleError(
+                    f"{where}: hidden[{spec.role!r}] has shape {tuple(t.shape)}, expected "
+                    f"{(n, *spec.per_token_shape)} (tokens, {'layers, ' if len(spec.layer_ids) > 1 else ''}hidden)"
+                )
+            if not t.is_floating_point():
+                raise SampleError(f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()[0, 0])
+                raise SampleError(
+                    f"{where}: hidden[{spec.role!r}] holds NaN/inf (first at token {bad}); "
+                    "check the target's dtype (fp16 overflow?) and skip this sample"
+                )
+            codec = get_codec(spec.codec)
+            for suffix, rows in codec.encode(t, spec.logical_dtype).items():
+                out[layout.hidden_array_name(spec.role, suffix)] = rows
+        return out
+
+    def _source_index(self, source: str) -> int:
+        names = self.commit.source_names
+        if source not in names:
+            names.append(source)
+        return names.index(source)
+
+    def _take_rows(self, n: int) -> _ShardJob:
+        """Cut the first n buffered rows (one shard slot) into a job with the samples they complete."""
+        job = _ShardJob(start=self._buffer_start, rows={})
+        for name, pieces in self._buffer.items():
+            rows = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            job.rows[name] = rows[:n]
+            self._buffer[name] = [rows[n:]] if len(rows) > n else []
+        self._buffer_start += n
+        self._buffered_rows -= n
+        done = 0
+        while done < len(self._pending_end_rows) and self._pending_end_rows[done] <= self._buffer_start:
+            done += 1
+        job.completed, self._pending = self._pending[:done], self._pending[done:]
+        self._pending_end_rows = self._pending_end_rows[done:]
+        if len(job.rows["input_ids"]) < self._shard:
+            # a partial shard is rewritten by the next writer: keep its rows buffered
+            for name, rows in job.rows.items():
+                self._buffer[name] = [rows, *self._buffer[name]]
+            self._buffer_start = job.start
+            self._buffered_rows += len(job.rows["input_ids"])
+        return job
+
+    def _submit(self, job: _ShardJob) -> None:
+        while len(self._inflight) >= MAX_PENDING_SHARDS:
+            self._inflight.pop(0).result()
+        self._inflight.append(self._pool.submit(self._write_job, job))
+
+    def _raise_background_error(self) -> None:
+        for f in [f for f in self._inflight if f.done()]:
+            self._inflight.remove(f)
+            f.result()
+
+    # --- the background half: shard, sample table, commit -----------------------------------
+    def _write_job(self, job: _ShardJob) -> None:
+        n = len(job.rows["input_ids"])
+        end = job.start + n
+        shard_index = job.start // self._shard
+        for a in self._arrays:
+            arr = self._zarr[a.name]
+            if arr.shape[0] < end:
+                arr.resize((end, *arr.shape[1:]))
+            arr[job.start : end] = job.rows[a.name]
+            if a.stored.raw_layout:
+                self._record_shard_crc(a.name, shard_index, job.rows[a.name])
+        commit = self.commit
+        if job.completed:
+            self._append_samples(job.completed)
+            loss_ids = np.concatenate([s.loss_ids for s in job.completed])
+            self._token_freq += np.bincount(loss_ids, minlength=self._vocab)
+            self._part[layout.TOKEN_FREQ][:] = self._token_freq
+            commit.samples += len(job.completed)
+            commit.tokens += sum(s.length for s in job.completed)
+            commit.loss_tokens += sum(s.loss_tokens for s in job.completed)
+        commit.shards = max(commit.shards, shard_index + 1)
+        self._part.attrs[layout.COMMIT_KEY] = commit.stamped()
+
+    def _record_shard_crc(self, name: str, shard_index: int, rows: np.ndarray) -> None:
+        """Per-shard checksum of raw arrays (per-chunk crc32c would break zero-copy views)."""
+        chunk = self.manifest.geometry.chunk_tokens
+        pad = (-len(rows)) % chunk
+        crc = crc32c.crc32c(np.ascontiguousarray(rows))
+        if pad:
+            crc = crc32c.crc32c(bytes(pad * rows[0].nbytes), crc)
+        arr = self._part[f"shard_crc32c/{name}"]
+        if arr.shape[0] <= shard_index:
+            arr.resize((shard_index + 1,))
+        arr[shard_index] = crc
+
+    def _append_samples(self, done: list[_PendingSample]) -> None:
+        start = self.commit.samples
+        end = start + len(done)
+        offsets = self.commit.tokens + np.concatenate([[0], np.cumsum([s.length for s in done])[:-1]])
+        columns = {
+            "offset": offsets.astype(np.int64),
+            "length": np.array([s.length for s in done], dtype=np.int32),
+            "loss_tokens": np.array([s.loss_tokens for s in done], dtype=np.int32),
+            "source": np.array([s.source for s in done], dtype=np.int32),
+            "sample_id": np.array([s.sample_id for s in done], dtype=object),
+            "content_hash": np.array([s.content_hash for s in done], dtype=np.uint64),
+        }
+        for name, values in columns.items():
+            arr = self._samples[name]
+            if arr.shape[0] != end:
+                arr.resize((end,))
+            arr[start:end] = values
+
+    # --- closing ----------------------------------------------------------------------------
+    def close(self) -> CommitRecord:
+        """Write the partial last shard, wait for the background writer, mark the part closed."""
+        if self._closed:
+            return self.commit
+        self._closed = True
+        try:
+            if self._buffered_rows:
+                self._submit(self._take_rows(self._buffered_rows))
+            for f in self._inflight:
+                f.result()
+            self.commit.closed = True
+            self._part.attrs[layout.COMMIT_KEY] = self.commit.stamped()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self.commit
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            # keep what is committed; let the background writer finish its shard, skip the tail
+            self._closed = True
+            self._pool.shutdown(wait=True)
+
+
+def content_hash(ids: np.ndarray, mask: np.ndarray) -> int:
+    """64-bit digest of a sample's tokens and mask: finds duplicates and mismatched resumes."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+    h.update(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+def recount_token_freq(input_ids: zarr.Array, loss_mask: zarr.Array, rows: int, vocab: int) -> np.ndarray:
+    freq = np.zeros(vocab, dtype=np.int64)
+    step = 1 << 20
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        ids = np.asarray(input_ids[start:stop])
+        mask = np.asarray(loss_mask[start:stop]).astype(bool)
+        freq += np.bincount(ids[mask], minlength=vocab)
+    return freq
+
+
+def _as_numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
