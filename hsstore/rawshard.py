@@ -9,6 +9,7 @@ byte range r0*row_bytes : r1*row_bytes. We check that against the index before t
 from __future__ import annotations
 
 import mmap
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -88,19 +89,23 @@ class RawArrayMap:
         self.dtype = dtype
         self.row_shape = row_shape
         self._open: OrderedDict[int, RawShard] = OrderedDict()
+        self._lock = threading.Lock()  # get_batch reads from several threads
 
     def shard_path(self, k: int) -> Path:
         return self.array_dir.joinpath("c", str(k), *(["0"] * len(self.row_shape)))
 
     def shard(self, k: int) -> RawShard:
-        s = self._open.get(k)
-        if s is None:
-            s = RawShard(self.shard_path(k), self.chunk_tokens, self.shard_tokens, self.dtype, self.row_shape)
-            self._open[k] = s
+        with self._lock:
+            s = self._open.get(k)
+            if s is not None:
+                self._open.move_to_end(k)
+                return s
+        s = RawShard(self.shard_path(k), self.chunk_tokens, self.shard_tokens, self.dtype, self.row_shape)
+        with self._lock:
+            s = self._open.setdefault(k, s)
+            self._open.move_to_end(k)
             if len(self._open) > MAX_OPEN_SHARDS:
                 self._open.popitem(last=False)
-        else:
-            self._open.move_to_end(k)
         return s
 
     def read(self, start: int, stop: int) -> np.ndarray:

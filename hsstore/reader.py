@@ -17,6 +17,7 @@ from functools import cached_property
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
 from . import dtypes, layout
 from .codecs import get_codec
@@ -43,12 +44,17 @@ class SampleIndex:
         return len(self.length)
 
 
-class _Part:
+class PartReader:
     """One committed part: its arrays and the extent its commit record vouches for."""
 
-    def __init__(self, group: zarr.Group, where: str, manifest: Manifest, arrays: list[TokenArray], root):
+    def __init__(
+        self, group: zarr.Group, where: str, manifest: Manifest, arrays: list[TokenArray], root, location: str = ""
+    ):
         self.group = group
         self.where = where
+        self.location = location
+        self.shard_tokens = manifest.geometry.shard_tokens
+        self._present: set[tuple[str, int]] = set()  # (array, shard) whose file was seen to exist
         self.commit = CommitRecord.from_attrs(group.attrs.get(layout.COMMIT_KEY), where)
         self.arrays = {}
         for a in arrays:
@@ -83,13 +89,47 @@ class _Part:
         try:
             if raw is not None:
                 return raw.read(start, stop)
+            self._check_shards_exist(name, start, stop)
             return np.asarray(self.arrays[name][start:stop])
         except CorruptStoreError:
             raise
         except Exception as e:  # zarr raises ValueError/RuntimeError on checksum or decode failures
             raise CorruptStoreError(
-                f"{self.where}/{name} rows {start}:{stop}: {type(e).__name__}: {e}; run `hsstore verify`"
+                f"{self._bad_shard_file(name, start, stop)} (rows {start}:{stop}): {type(e).__name__}: {e}; "
+                "run `hsstore verify` and regenerate"
             ) from e
+
+    def _bad_shard_file(self, name: str, start: int, stop: int) -> str:
+        """The shard file a failed read came from (re-read shard by shard, only on this error path)."""
+        shards = self._shards(start, stop)
+        for k in shards:
+            lo, hi = max(start, k * self.shard_tokens), min(stop, (k + 1) * self.shard_tokens)
+            try:
+                self.arrays[name][lo:hi]
+            except Exception:
+                return self._shard_file(name, k)
+        return ", ".join(self._shard_file(name, k) for k in shards)
+
+    def _shards(self, start: int, stop: int) -> range:
+        return range(start // self.shard_tokens, (max(stop, start + 1) - 1) // self.shard_tokens + 1)
+
+    def _shard_key(self, name: str, k: int) -> str:
+        arr = self.arrays[name]
+        return f"{arr.path}/{arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))}"
+
+    def _shard_file(self, name: str, k: int) -> str:
+        return f"{self.location.rstrip('/')}/{self._shard_key(name, k)}"
+
+    def _check_shards_exist(self, name: str, start: int, stop: int) -> None:
+        """zarr reads a missing shard as fill values; every committed shard slot was written, so it is corruption."""
+        for k in self._shards(start, stop):
+            if (name, k) in self._present or stop <= start:
+                continue
+            if not sync(self.arrays[name].store.exists(self._shard_key(name, k))):
+                raise CorruptStoreError(
+                    f"{self._shard_file(name, k)}: shard file is missing; run `hsstore verify` and regenerate"
+                )
+            self._present.add((name, k))
 
 
 class StoreReader:
@@ -110,12 +150,14 @@ class StoreReader:
             raise NotAStoreError(f"{self.location}: a zarr group without an hsstore manifest")
         self.manifest = Manifest.from_dict(dict(self._root.attrs[MANIFEST_KEY]), where=self.location)
         self.arrays = layout.token_arrays(self.manifest)
-        self.parts: list[_Part] = []
+        self.parts: list[PartReader] = []
         for rank in range(self.manifest.num_parts):
             p = layout.part_path(rank)
             if p in self._root:
                 self.parts.append(
-                    _Part(self._root[p], p, self.manifest, self.arrays, path if (mmap and path) else None)
+                    PartReader(
+                        self._root[p], p, self.manifest, self.arrays, path if (mmap and path) else None, self.location
+                    )
                 )
         lengths = [p.commit.samples for p in self.parts]
         self._part_starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)

@@ -10,7 +10,7 @@ shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
 from __future__ import annotations
 
 import hashlib
-import threading
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -18,14 +18,15 @@ import crc32c
 import numpy as np
 import torch
 import zarr
+from zarr.errors import ContainsGroupError
 
 from . import layout
 from .codecs import ensure_blosc_split, get_codec
 from .commit import CommitRecord
-from .errors import IncompatibleStoreError, NotAStoreError, SampleError, StoreExistsError
+from .errors import HSStoreError, IncompatibleStoreError, NotAStoreError, SampleError, StoreExistsError
 from .layout import TokenArray
 from .manifest import MANIFEST_KEY, Manifest
-from .storage import open_store
+from .storage import local_path, open_store
 
 MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
 
@@ -73,6 +74,7 @@ class StoreWriter:
         self._part, self.commit = self._open_part(resume, overwrite)
         self._zarr = {a.name: self._part[a.name] for a in self._arrays}
         self._samples = {name: self._part[f"{layout.SAMPLES_GROUP}/{name}"] for name in layout.SAMPLE_FIELDS}
+        self._truncate_to_commit()
         self._token_freq = self._load_token_freq()
         # buffer: rows from self._buffer_start on, not yet handed to a shard job
         self._buffer_start = (self.commit.tokens // self._shard) * self._shard
@@ -85,7 +87,7 @@ class StoreWriter:
         self._rows = self.commit.tokens  # rows accepted so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsstore-writer")
         self._inflight: list[Future] = []
-        self._lock = threading.Lock()
+        self._failed: BaseException | None = None  # first background failure: later jobs must not commit
         self._closed = False
         self.commit.closed = False
 
@@ -96,7 +98,9 @@ class StoreWriter:
         except FileNotFoundError:
             root = None
         if root is not None and MANIFEST_KEY not in root.attrs:
-            if list(root.keys()):
+            # `parts` alone is another rank's store in the making (zarr may rewrite the root's metadata
+            # while ranks race to create it); anything else belongs to someone else
+            if set(root.keys()) - {layout.PARTS_GROUP}:
                 raise NotAStoreError(f"{self.location} is a zarr group but not an hsstore store; pick another path")
             root = None
         if root is not None and not overwrite:
@@ -106,7 +110,10 @@ class StoreWriter:
         if overwrite and root is not None and manifest.num_parts == 1:
             root = zarr.open_group(self._store, mode="w", zarr_format=3)
         elif root is None:
-            root = zarr.open_group(self._store, mode="a", zarr_format=3)
+            try:
+                root = zarr.open_group(self._store, mode="a", zarr_format=3)
+            except ContainsGroupError:  # another rank created the root a moment ago: open it as theirs
+                return self._open_root(manifest, overwrite)
         root.attrs[MANIFEST_KEY] = manifest.to_dict()
         return manifest
 
@@ -121,7 +128,6 @@ class StoreWriter:
                     f"{self.location}/{path} already holds {commit.samples} committed samples; "
                     "pass resume=True (--resume) to continue it or overwrite=True (--overwrite) to replace it"
                 )
-            self._truncate_to_commit(part, commit)
             return part, commit
         part = root.create_group(path, overwrite=True)
         self._create_arrays(part)
@@ -161,12 +167,43 @@ class StoreWriter:
             "logical_dtype": spec.logical_dtype if not a.stored.suffix else str(a.stored.dtype),
         }
 
-    def _truncate_to_commit(self, part: zarr.Group, commit: CommitRecord) -> None:
-        """Drop whatever a crashed writer left past its last commit record."""
-        for name in layout.SAMPLE_FIELDS:
-            arr = part[f"{layout.SAMPLES_GROUP}/{name}"]
-            if arr.shape[0] != commit.samples:
-                arr.resize((commit.samples,))
+    def _truncate_to_commit(self) -> None:
+        """Drop whatever a crashed writer left past its last commit record.
+
+        zarr rewrites a shard by merging into the chunks already in its file, so rows of a crashed,
+        uncommitted job must leave the last committed shard before it is extended: its uncommitted
+        rows become zeros and its uncommitted chunks are dropped (each an atomic shard rewrite that
+        keeps the committed chunks), then the arrays shrink to the committed rows, deleting later shards.
+        The shard then holds what a clean close would have left, and raw checksums match it again.
+        """
+        tokens = self.commit.tokens
+        for arr in self._samples.values():
+            if arr.shape[0] != self.commit.samples:
+                arr.resize((self.commit.samples,))
+        chunk = self.manifest.geometry.chunk_tokens
+        tail_start = (tokens // self._shard) * self._shard
+        for a in self._arrays:
+            arr = self._zarr[a.name]
+            extent = arr.shape[0]
+            if extent > tokens:
+                slot_end = min(extent, tail_start + self._shard) if tokens > tail_start else tokens
+                chunk_end = min(slot_end, -(-tokens // chunk) * chunk)
+                if tokens < chunk_end:
+                    arr[tokens:chunk_end] = 0
+                if chunk_end < slot_end:
+                    arr.with_config({"write_empty_chunks": False})[chunk_end:slot_end] = 0
+                arr.resize((tokens, *arr.shape[1:]))
+                if a.stored.raw_layout and tokens > tail_start:
+                    self._record_shard_crc(a.name, tail_start // self._shard, np.asarray(arr[tail_start:tokens]))
+            if a.stored.raw_layout:
+                crc = self._part[f"shard_crc32c/{a.name}"]
+                n_shards = -(-tokens // self._shard)
+                if crc.shape[0] > n_shards:
+                    crc.resize((n_shards,))
+        path = local_path(self.location)
+        if path is not None and not self.commit.closed:  # temp files of atomic writes a kill interrupted (zarr's)
+            for leftover in path.joinpath(layout.part_path(self.rank)).rglob("*.partial"):
+                leftover.unlink(missing_ok=True)
 
     def _reload_tail(self) -> None:
         """Put committed rows of the last, partial shard back in the buffer to be rewritten whole."""
@@ -182,7 +219,9 @@ class StoreWriter:
         if int(freq.sum()) == self.commit.loss_tokens:
             return freq
         # a crash between the freq write and the commit record: recount from committed rows
-        return recount_token_freq(self._zarr["input_ids"], self._zarr["loss_mask"], self.commit.tokens, self._vocab)
+        freq = recount_token_freq(self._zarr["input_ids"], self._zarr["loss_mask"], self.commit.tokens, self._vocab)
+        self._part[layout.TOKEN_FREQ][:] = freq
+        return freq
 
     # --- appending --------------------------------------------------------------------------
     @property
@@ -204,9 +243,13 @@ class StoreWriter:
     ) -> None:
         """Buffer one sample; full shards go to the background writer."""
         self._raise_background_error()
+        if self._failed is not None:
+            raise HSStoreError(
+                f"{self.location}: an earlier shard write failed; fix it and rerun with resume=True (--resume)"
+            ) from self._failed
         if self._closed:
             raise RuntimeError(f"writer for {self.location} is closed")
-        sid = sample_id if sample_id is not None else str(self._appended)
+        sid = str(sample_id) if sample_id is not None else str(self._appended)
         ids, mask = self._check_tokens(input_ids, loss_mask, sid)
         encoded = {"input_ids": ids, "loss_mask": mask}
         encoded.update(self._encode_hidden(hidden, len(ids), sid))
@@ -220,7 +263,7 @@ class StoreWriter:
                 length=len(ids),
                 loss_tokens=len(loss_ids),
                 sample_id=sid,
-                source=self._source_index(source),
+                source=self._source_index(str(source)),
                 content_hash=content_hash(ids, mask),
                 loss_ids=loss_ids,
             )
@@ -235,11 +278,17 @@ class StoreWriter:
         mask = _as_numpy(loss_mask)
         where = f"{self.location}: sample {sid!r}"
         if ids.ndim != 1 or mask.ndim != 1:
-            raise SampleError(f"{where}: input_ids and loss_mask must be 1-D, got shapes {ids.shape} and {mask.shape}")
+            raise SampleError(
+                f"{where}: input_ids and loss_mask must be 1-D [tokens], got shapes {ids.shape} and {mask.shape}; "
+                "append one sample at a time, without a batch dimension"
+            )
         if len(ids) == 0:
             raise SampleError(f"{where}: empty sample (0 tokens); drop it before writing")
         if len(mask) != len(ids):
-            raise SampleError(f"{where}: loss_mask has {len(mask)} tokens but input_ids has {len(ids)}")
+            raise SampleError(
+                f"{where}: loss_mask has {len(mask)} tokens but input_ids has {len(ids)}; "
+                "they must cover the same tokens, one mask value per token"
+            )
         if not np.issubdtype(ids.dtype, np.integer):
             raise SampleError(f"{where}: input_ids must be integers, got {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self._vocab:
@@ -263,8 +312,14 @@ class StoreWriter:
     def _encode_hidden(self, hidden: dict[str, torch.Tensor], n: int, sid: str) -> dict[str, np.ndarray]:
         where = f"{self.location}: sample {sid!r}"
         expected = set(self.manifest.roles)
+        if not isinstance(hidden, Mapping):
+            raise SampleError(f"{where}: hidden must be a dict role -> tensor (roles {sorted(expected)})")
         if set(hidden) != expected:
-            raise SampleError(f"{where}: hidden states for roles {sorted(hidden)}, the store needs {sorted(expected)}")
+            missing, extra = sorted(expected - set(hidden)), sorted(set(hidden) - expected)
+            raise SampleError(
+                f"{where}: hidden states for roles {sorted(hidden)}, the store needs {sorted(expected)} "
+                f"(missing {missing}, unexpected {extra}); capture the layers the manifest declares"
+            )
         out: dict[str, np.ndarray] = {}
         for spec in self.manifest.hidden:
             t = hidden[spec.role]
@@ -276,8 +331,11 @@ class StoreWriter:
                     f"{(n, *spec.per_token_shape)} (tokens, {'layers, ' if len(spec.layer_ids) > 1 else ''}hidden)"
                 )
             if not t.is_floating_point():
-                raise SampleError(f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}")
-            if not bool(torch.isfinite(t).all()):
+                raise SampleError(
+                    f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}; "
+                    f"pass the target's activations as they come out of the model ({spec.logical_dtype} or float32)"
+                )
+            if not bool(torch.isfinite(t.detach().abs().amax())):  # amax propagates NaN; ~10x faster than isfinite
                 bad = int((~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()[0, 0])
                 raise SampleError(
                     f"{where}: hidden[{spec.role!r}] holds NaN/inf (first at token {bad}); "
@@ -328,6 +386,24 @@ class StoreWriter:
 
     # --- the background half: shard, sample table, commit -----------------------------------
     def _write_job(self, job: _ShardJob) -> None:
+        """Run one job; after a failure no later job runs, or its samples would be committed at the
+        offsets of the failed job's samples (the commit record only moves past complete work)."""
+        slot = job.start // self._shard
+        if self._failed is not None:
+            raise HSStoreError(
+                f"{self.location}: shard slot {slot} not written, an earlier shard write failed"
+            ) from self._failed
+        try:
+            self._write_shard_and_commit(job)
+        except BaseException as e:
+            self._failed = e
+            raise HSStoreError(
+                f"{self.location}/{layout.part_path(self.rank)}: writing shard slot {slot} failed "
+                f"({type(e).__name__}: {e}); the {self.commit.samples} committed samples are intact: "
+                "fix the cause and rerun with resume=True (--resume)"
+            ) from e
+
+    def _write_shard_and_commit(self, job: _ShardJob) -> None:
         n = len(job.rows["input_ids"])
         end = job.start + n
         shard_index = job.start // self._shard
@@ -347,7 +423,7 @@ class StoreWriter:
             commit.samples += len(job.completed)
             commit.tokens += sum(s.length for s in job.completed)
             commit.loss_tokens += sum(s.loss_tokens for s in job.completed)
-        commit.shards = max(commit.shards, shard_index + 1)
+        commit.shards = -(-commit.tokens // self._shard)
         self._part.attrs[layout.COMMIT_KEY] = commit.stamped()
 
     def _record_shard_crc(self, name: str, shard_index: int, rows: np.ndarray) -> None:

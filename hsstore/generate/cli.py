@@ -1,0 +1,168 @@
+"""CLI commands of the generate subpackage: generate, prepare, demo (registered on hsstore's app)."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console()
+
+DEMO_CACHE = Path(".hsstore-cache")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(generate)
+    app.command()(prepare)
+    app.command()(demo)
+
+
+def generate(
+    model: Annotated[str, typer.Option(help="Target model: a local transformers directory.")],
+    data: Annotated[list[str], typer.Option(help="JSON/JSONL file or dataset name (sharegpt, ultrachat); repeat.")],
+    out: Annotated[str, typer.Option(help="Store path or fsspec URL to write.")],
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer path (default: the model's).")] = None,
+    backend: Annotated[str, typer.Option(help="hf (transformers) or vllm.")] = "hf",
+    codec: Annotated[str, typer.Option(help="raw, lossless or fp8.")] = "lossless",
+    seq_length: Annotated[int, typer.Option(help="Truncate samples to this many tokens.")] = 2048,
+    max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
+    seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+    shuffle: Annotated[bool, typer.Option(help="Shuffle samples before --max-samples.")] = True,
+    layer_ids: Annotated[str | None, typer.Option(help="Aux layer ids, e.g. '2,16,29' (default: EAGLE-3's).")] = None,
+    batch_tokens: Annotated[int, typer.Option(help="Padded tokens per forward batch.")] = 8192,
+    chunk_tokens: Annotated[int, typer.Option(help="Tokens per chunk (random-access unit).")] = 64,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 16384,
+    num_shards: Annotated[int, typer.Option(help="Data-parallel writers in all (one part each).")] = 1,
+    shard_index: Annotated[int, typer.Option(help="Which of them this process is.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue a store this shard already started.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace this shard's part of an existing store.")] = False,
+    device: Annotated[str, typer.Option(help="hf backend device: cpu, cuda, cuda:1 ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Target dtype and stored logical dtype.")] = "bfloat16",
+    cache_dir: Annotated[str | None, typer.Option(help="Tokenized-dataset cache directory.")] = None,
+    strict: Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")] = False,
+) -> None:
+    """Chat data -> tokens and loss masks -> target hidden states -> a store."""
+    from transformers import AutoTokenizer
+
+    from ..manifest import Geometry
+    from .backends import load_backend
+    from .inputs import load_samples
+    from .layers import parse_layer_ids
+    from .pipeline import StoreSettings, build_manifest, run_generate
+
+    tok = AutoTokenizer.from_pretrained(tokenizer or model)
+    loaded = load_samples(
+        data,
+        tok,
+        seq_length=seq_length,
+        max_samples=max_samples,
+        seed=seed,
+        shuffle=shuffle,
+        cache_dir=cache_dir,
+        strict=strict,
+    )
+    console.print(f"{len(loaded.samples):,} samples tokenized from {', '.join(data)}")
+    runner = load_backend(backend, model, device=device, dtype=dtype)
+    settings = StoreSettings(
+        out=out,
+        codec=codec,
+        aux_layer_ids=parse_layer_ids(layer_ids, runner.num_layers),
+        geometry=Geometry(chunk_tokens, shard_tokens),
+        num_shards=num_shards,
+        shard_index=shard_index,
+        resume=resume,
+        overwrite=overwrite,
+        batch_tokens=batch_tokens,
+        max_seq_length=seq_length,
+    )
+    manifest = build_manifest(runner, model, settings, loaded.tokenizer_info, loaded.sources, dtype=dtype)
+    total_tokens = sum(len(s.input_ids) for s in loaded.samples[shard_index::num_shards])
+    with _progress() as progress:
+        task = progress.add_task("generate", total=total_tokens, samples=0, rate="")
+        started = time.perf_counter()
+
+        def advance(samples: int, tokens: int) -> None:
+            done = progress.tasks[task].fields["samples"] + samples
+            rate = progress.tasks[task].completed / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=tokens, samples=done, rate=f"{rate:,.0f} tok/s")
+
+        stats = run_generate(runner, manifest, loaded.samples, settings, on_progress=advance)
+    overhead = stats.write_seconds / max(stats.wall_seconds, 1e-9)
+    console.print(
+        f"wrote {stats.samples:,} samples / {stats.tokens:,} tokens to {out} "
+        f"({stats.skipped_resume:,} already there) in {stats.wall_seconds:.1f}s: "
+        f"{stats.tokens / max(stats.wall_seconds, 1e-9):,.0f} tok/s; writer share of wall time {overhead:.1%}"
+    )
+    loaded.report(console)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("tokens, {task.fields[samples]:,} samples, {task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def prepare(
+    data: Annotated[list[str], typer.Option(help="JSON/JSONL file or dataset name; repeat to mix.")],
+    out: Annotated[Path, typer.Option(help="Normalized JSONL to write.")],
+    max_samples: Annotated[int | None, typer.Option(help="Keep at most this many conversations.")] = None,
+    seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
+    shuffle: Annotated[bool, typer.Option(help="Shuffle before --max-samples.")] = True,
+) -> None:
+    """Write normalized JSONL ({id, source, messages: [{role, content}]}) to look at before generating."""
+    from .prepare import prepare as write_prepared
+    from .skips import SkipCounter
+
+    skips = SkipCounter()
+    result = write_prepared(data, out, max_samples=max_samples, seed=seed, shuffle=shuffle, skips=skips, overwrite=True)
+    console.print(f"{result.written:,} conversations written to {result.path}")
+    console.print(skips.report(), highlight=False, markup=False)
+
+
+def demo(
+    out: Annotated[str, typer.Option(help="Store to write.")] = "demo-store",
+    samples: Annotated[int, typer.Option(help="ShareGPT conversations to use.")] = 64,
+    codec: Annotated[str, typer.Option(help="raw, lossless or fp8.")] = "lossless",
+) -> None:
+    """End to end on the embedded default: a tiny Llama target + packaged ShareGPT text -> store -> inspect."""
+    from ..cli import inspect, verify
+    from .tiny import build_tiny_target
+
+    target = build_tiny_target(DEMO_CACHE / "tiny-llama3", template="llama3")
+    console.rule(f"tiny target at {target}")
+    generate(
+        model=str(target),
+        data=["sharegpt"],
+        out=out,
+        codec=codec,
+        seq_length=512,
+        max_samples=samples,
+        overwrite=True,
+        chunk_tokens=64,
+        shard_tokens=4096,
+        batch_tokens=4096,
+        cache_dir=str(DEMO_CACHE / "datasets"),
+    )
+    console.rule("inspect")
+    inspect(out, tokenizer=str(target), sample=0, top_k=10)
+    console.rule("verify")
+    verify(out)
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
