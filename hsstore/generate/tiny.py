@@ -206,8 +206,8 @@ def build_tiny_target(
     vocab_size: int = 2048,
     hidden_size: int = 64,
     num_layers: int = 4,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
+    num_heads: int = 2,  # head_dim 32: vLLM's CPU attention rejects head_dim 16
+    num_kv_heads: int = 1,
     intermediate_size: int = 128,
     max_position_embeddings: int = 2048,
     dtype: Literal["bfloat16", "float32"] = "bfloat16",
