@@ -20,8 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hsstore demo --out demo-store
 
+# pytest exits 5 when it collects no tests: say so and fail (a green run must have run tests)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	@$(PY) -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$status
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hsstore tests benchmarks

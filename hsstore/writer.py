@@ -9,10 +9,12 @@ shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import crc32c
 import numpy as np
@@ -23,6 +25,7 @@ from zarr.errors import ContainsGroupError
 from . import layout
 from .codecs import ensure_blosc_split, get_codec
 from .commit import CommitRecord
+from .dtypes import torch_dtype
 from .errors import HSStoreError, IncompatibleStoreError, NotAStoreError, SampleError, StoreExistsError
 from .layout import TokenArray
 from .manifest import MANIFEST_KEY, Manifest
@@ -90,6 +93,9 @@ class StoreWriter:
         self._failed: BaseException | None = None  # first background failure: later jobs must not commit
         self._closed = False
         self.commit.closed = False
+        self._local_part = local_path(location)
+        self._shard_file_bytes: dict[tuple[str, int], int] = {}  # (array, shard) -> size on disk, for progress
+        self._shard_logical_bytes: dict[int, int] = {}  # shard -> bf16 bytes of its rows, for progress
 
     # --- opening ----------------------------------------------------------------------------
     def _open_root(self, manifest: Manifest, overwrite: bool) -> Manifest:
@@ -414,6 +420,8 @@ class StoreWriter:
             arr[job.start : end] = job.rows[a.name]
             if a.stored.raw_layout:
                 self._record_shard_crc(a.name, shard_index, job.rows[a.name])
+            self._note_shard_size(a, shard_index)
+        self._shard_logical_bytes[shard_index] = n * self._logical_row_bytes
         commit = self.commit
         if job.completed:
             self._append_samples(job.completed)
@@ -425,6 +433,29 @@ class StoreWriter:
             commit.loss_tokens += sum(s.loss_tokens for s in job.completed)
         commit.shards = -(-commit.tokens // self._shard)
         self._part.attrs[layout.COMMIT_KEY] = commit.stamped()
+
+    @cached_property
+    def _logical_row_bytes(self) -> int:
+        """Bytes one token takes uncompressed: ids, mask and every role at its logical dtype."""
+        hidden = sum(
+            int(np.prod(h.per_token_shape)) * torch_dtype(h.logical_dtype).itemsize for h in self.manifest.hidden
+        )
+        return 4 + 1 + hidden
+
+    def _note_shard_size(self, a: TokenArray, shard_index: int) -> None:
+        if self._local_part is None:
+            return
+        key = "/".join(["c", str(shard_index), *(["0"] * len(a.stored.per_token_shape))])
+        path = self._local_part / layout.part_path(self.rank) / a.name / key
+        with contextlib.suppress(FileNotFoundError):
+            self._shard_file_bytes[(a.name, shard_index)] = path.stat().st_size
+
+    @property
+    def bytes_written(self) -> tuple[int, int] | None:
+        """(uncompressed, on-disk) bytes of the token arrays written by this writer so far; None if remote."""
+        if self._local_part is None:
+            return None
+        return sum(self._shard_logical_bytes.values()), sum(self._shard_file_bytes.values())
 
     def _record_shard_crc(self, name: str, shard_index: int, rows: np.ndarray) -> None:
         """Per-shard checksum of raw arrays (per-chunk crc32c would break zero-copy views)."""

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 console = Console()
 
@@ -47,7 +47,12 @@ def generate(
     strict: Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")] = False,
 ) -> None:
     """Chat data -> tokens and loss masks -> target hidden states -> a store."""
+    import datasets
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()  # one progress bar: ours
+    hf_logging.disable_progress_bar()
 
     from ..manifest import Geometry
     from .backends import load_backend
@@ -86,10 +91,13 @@ def generate(
         task = progress.add_task("generate", total=total_tokens, samples=0, rate="")
         started = time.perf_counter()
 
-        def advance(samples: int, tokens: int) -> None:
+        def advance(samples: int, tokens: int, written: tuple[int, int] | None) -> None:
             done = progress.tasks[task].fields["samples"] + samples
-            rate = progress.tasks[task].completed / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=tokens, samples=done, rate=f"{rate:,.0f} tok/s")
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            rate = f"{progress.tasks[task].completed / elapsed:,.0f} tok/s {done / elapsed:,.1f} smp/s"
+            if written and written[1]:
+                rate += f" {written[1] / 2**20:,.1f} MiB {written[0] / written[1]:.2f}x"
+            progress.update(task, advance=tokens, samples=done, rate=rate)
 
         stats = run_generate(runner, manifest, loaded.samples, settings, on_progress=advance)
     overhead = stats.write_seconds / max(stats.wall_seconds, 1e-9)
@@ -103,11 +111,9 @@ def generate(
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=12),
         MofNCompleteColumn(),
-        TextColumn("tokens, {task.fields[samples]:,} samples, {task.fields[rate]}"),
-        TimeElapsedColumn(),
+        TextColumn("tok {task.fields[samples]:,} smp | {task.fields[rate]}"),
         TimeRemainingColumn(),
         console=console,
     )

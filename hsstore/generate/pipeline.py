@@ -136,7 +136,7 @@ def run_generate(
     manifest: Manifest,
     samples: Sequence[TokenizedSample],
     settings: StoreSettings,
-    on_progress: Callable[[int, int], None] | None = None,
+    on_progress: Callable[[int, int, tuple[int, int] | None], None] | None = None,
 ) -> GenerateStats:
     """Capture hidden states for this rank's samples and append them to its part of the store."""
     stats = GenerateStats()
@@ -152,7 +152,7 @@ def run_generate(
         skip = resume_point(writer, ordered)
         stats.skipped_resume = skip
         if on_progress and skip:
-            on_progress(skip, sum(len(s.input_ids) for s in ordered[:skip]))
+            on_progress(skip, sum(len(s.input_ids) for s in ordered[:skip]), writer.bytes_written)
         for batch in token_budget_batches(ordered[skip:], settings.batch_tokens):
             f0 = time.perf_counter()
             states = backend.hidden_states([s.input_ids for s in batch], layer_ids)
@@ -171,7 +171,7 @@ def run_generate(
             stats.samples += len(batch)
             stats.tokens += n_tokens
             if on_progress:
-                on_progress(len(batch), n_tokens)
+                on_progress(len(batch), n_tokens, writer.bytes_written)
         c0 = time.perf_counter()
     stats.write_seconds += time.perf_counter() - c0  # close(): last shard and the wait for the writer
     stats.wall_seconds = time.perf_counter() - t0
