@@ -41,7 +41,10 @@ def generate(
     shard_index: Annotated[int, typer.Option(help="Which of them this process is.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue a store this shard already started.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace this shard's part of an existing store.")] = False,
-    device: Annotated[str, typer.Option(help="hf backend device: cpu, cuda, cuda:1 ...")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="cpu or cuda (hf also takes cuda:1; vllm uses CUDA_VISIBLE_DEVICES).")
+    ] = "cpu",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vllm backend: tensor-parallel GPUs.")] = 1,
     dtype: Annotated[str, typer.Option(help="Target dtype and stored logical dtype.")] = "bfloat16",
     cache_dir: Annotated[str | None, typer.Option(help="Tokenized-dataset cache directory.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")] = False,
@@ -72,7 +75,8 @@ def generate(
         strict=strict,
     )
     console.print(f"{len(loaded.samples):,} samples tokenized from {', '.join(data)}")
-    runner = load_backend(backend, model, device=device, dtype=dtype)
+    engine_options = {"tensor_parallel_size": tensor_parallel_size, "max_model_len": seq_length + 1}
+    runner = load_backend(backend, model, device=device, dtype=dtype, **(engine_options if backend == "vllm" else {}))
     settings = StoreSettings(
         out=out,
         codec=codec,
