@@ -25,7 +25,7 @@ from .commit import CommitRecord
 from .errors import CorruptStoreError, NotAStoreError
 from .layout import TokenArray
 from .manifest import MANIFEST_KEY, Manifest
-from .rawshard import RawArrayMap
+from .shardfile import LocalArray, chunk_decoder
 from .storage import local_path, open_store
 
 
@@ -62,14 +62,19 @@ class PartReader:
                 self.arrays[a.name] = group[a.name]
             except KeyError:
                 raise CorruptStoreError(f"{where}: array {a.name!r} is missing") from None
-        self.raw_maps: dict[str, RawArrayMap] = {}
+        # local stores: shard files read directly (zarr's per-call overhead dominated sample reads)
+        self.local_arrays: dict[str, LocalArray] = {}
         if root is not None:
             g = manifest.geometry
             for a in arrays:
-                if a.stored.raw_layout:
-                    self.raw_maps[a.name] = RawArrayMap(
-                        root / where / a.name, g.chunk_tokens, g.shard_tokens, a.stored.dtype, a.stored.per_token_shape
-                    )
+                self.local_arrays[a.name] = LocalArray(
+                    root / where / a.name,
+                    g.chunk_tokens,
+                    g.shard_tokens,
+                    a.stored.dtype,
+                    a.stored.per_token_shape,
+                    chunk_decoder(a.stored.compressors),
+                )
         for name, arr in self.arrays.items():
             if arr.shape[0] < self.commit.tokens:
                 raise CorruptStoreError(
@@ -85,10 +90,10 @@ class PartReader:
         return np.asarray(arr[: self.commit.samples]) if self.commit.samples else np.zeros(0, arr.dtype)
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
-        raw = self.raw_maps.get(name)
+        local = self.local_arrays.get(name)
         try:
-            if raw is not None:
-                return raw.read(start, stop)
+            if local is not None:
+                return local.read(start, stop)
             self._check_shards_exist(name, start, stop)
             return np.asarray(self.arrays[name][start:stop])
         except CorruptStoreError:
@@ -278,6 +283,18 @@ class StoreReader:
             return [self[i] for i in ids]
         with ThreadPoolExecutor(threads) as pool:
             return list(pool.map(self.__getitem__, ids))
+
+    def close(self) -> None:
+        """Drop the shard mappings now (tensors already handed out keep theirs alive)."""
+        for p in self.parts:
+            for arr in p.local_arrays.values():
+                arr.close()
+
+    def __enter__(self) -> StoreReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __iter__(self) -> Iterable[dict[str, torch.Tensor]]:
         for i in range(len(self)):

@@ -66,7 +66,7 @@ def _check_shard(part: PartReader, a: layout.TokenArray, k: int, shard: int, chu
                 report.problems.append(f"{part.where}/{a.name} shard {k}: no checksum recorded")
                 return
             expected = int(crcs[k])
-            raw = part.raw_maps.get(a.name)
+            raw = part.local_arrays.get(a.name)
             if raw is not None:
                 actual = raw.shard(k).data_crc32c()
             else:  # remote store: checksum the rows as zarr returns them, zero-padded to whole chunks as written

@@ -47,7 +47,7 @@ class _PendingSample:
 @dataclass
 class _ShardJob:
     start: int  # first row of the shard slot
-    rows: dict[str, np.ndarray]  # array name -> encoded rows [start, start + n)
+    rows: dict[str, list[np.ndarray]]  # array name -> encoded pieces covering rows [start, start + n)
     completed: list[_PendingSample] = field(default_factory=list)
 
 
@@ -75,7 +75,8 @@ class StoreWriter:
         self._shard = self.manifest.geometry.shard_tokens
         self._vocab = self.manifest.target.vocab_size
         self._part, self.commit = self._open_part(resume, overwrite)
-        self._zarr = {a.name: self._part[a.name] for a in self._arrays}
+        # write_empty_chunks is not persisted: without it zarr drops all-zero chunks, breaking raw layout
+        self._zarr = {a.name: self._part[a.name].with_config({"write_empty_chunks": True}) for a in self._arrays}
         self._samples = {name: self._part[f"{layout.SAMPLES_GROUP}/{name}"] for name in layout.SAMPLE_FIELDS}
         self._truncate_to_commit()
         self._token_freq = self._load_token_freq()
@@ -362,9 +363,7 @@ class StoreWriter:
         """Cut the first n buffered rows (one shard slot) into a job with the samples they complete."""
         job = _ShardJob(start=self._buffer_start, rows={})
         for name, pieces in self._buffer.items():
-            rows = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
-            job.rows[name] = rows[:n]
-            self._buffer[name] = [rows[n:]] if len(rows) > n else []
+            job.rows[name], self._buffer[name] = _split_pieces(pieces, n)
         self._buffer_start += n
         self._buffered_rows -= n
         done = 0
@@ -372,12 +371,12 @@ class StoreWriter:
             done += 1
         job.completed, self._pending = self._pending[:done], self._pending[done:]
         self._pending_end_rows = self._pending_end_rows[done:]
-        if len(job.rows["input_ids"]) < self._shard:
+        if n < self._shard:
             # a partial shard is rewritten by the next writer: keep its rows buffered
-            for name, rows in job.rows.items():
-                self._buffer[name] = [rows, *self._buffer[name]]
+            for name, pieces in job.rows.items():
+                self._buffer[name] = [*pieces, *self._buffer[name]]
             self._buffer_start = job.start
-            self._buffered_rows += len(job.rows["input_ids"])
+            self._buffered_rows += n
         return job
 
     def _submit(self, job: _ShardJob) -> None:
@@ -410,16 +409,18 @@ class StoreWriter:
             ) from e
 
     def _write_shard_and_commit(self, job: _ShardJob) -> None:
-        n = len(job.rows["input_ids"])
+        # the copy into one shard-sized array happens here, off the caller's (forward pass's) thread
+        rows = {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in job.rows.items()}
+        n = len(rows["input_ids"])
         end = job.start + n
         shard_index = job.start // self._shard
         for a in self._arrays:
             arr = self._zarr[a.name]
             if arr.shape[0] < end:
                 arr.resize((end, *arr.shape[1:]))
-            arr[job.start : end] = job.rows[a.name]
+            arr[job.start : end] = rows[a.name]
             if a.stored.raw_layout:
-                self._record_shard_crc(a.name, shard_index, job.rows[a.name])
+                self._record_shard_crc(a.name, shard_index, rows[a.name])
             self._note_shard_size(a, shard_index)
         self._shard_logical_bytes[shard_index] = n * self._logical_row_bytes
         commit = self.commit
@@ -514,6 +515,21 @@ class StoreWriter:
             # keep what is committed; let the background writer finish its shard, skip the tail
             self._closed = True
             self._pool.shutdown(wait=True)
+
+
+def _split_pieces(pieces: list[np.ndarray], n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Row pieces -> (pieces holding the first n rows, pieces holding the rest), as views: no copy."""
+    head: list[np.ndarray] = []
+    for i, piece in enumerate(pieces):
+        if n <= 0:
+            return head, pieces[i:]
+        if len(piece) <= n:
+            head.append(piece)
+            n -= len(piece)
+        else:
+            head.append(piece[:n])
+            return head, [piece[n:], *pieces[i + 1 :]]
+    return head, []
 
 
 def content_hash(ids: np.ndarray, mask: np.ndarray) -> int:

@@ -146,13 +146,13 @@ def test_raw_reads_are_zero_copy_views_of_the_mmap(store_path, samples, make_man
     i = 2  # rows 45:128, inside shard 0
     start = _starts()[i]
     t = r[i]["last"]
-    shard = r.parts[0].raw_maps["hidden/last"].shard(0)
+    shard = r.parts[0].local_arrays["hidden/last"].shard(0)
     base = np.frombuffer(shard._map, dtype=np.uint8).ctypes.data  # address of the mapped shard file
     row_bytes = 64 * 2
     # the tensor's memory is the mapping itself, at this sample's rows: no copy was made
     assert t.data_ptr() == base + start * row_bytes
     aux = r[i]["aux"]
-    aux_base = np.frombuffer(r.parts[0].raw_maps["hidden/aux"].shard(0)._map, dtype=np.uint8).ctypes.data
+    aux_base = np.frombuffer(r.parts[0].local_arrays["hidden/aux"].shard(0)._map, dtype=np.uint8).ctypes.data
     assert aux.data_ptr() == aux_base + start * 3 * row_bytes
     # and a second read sees a write through the first (same memory), while the file stays intact
     again = r[i]["last"]
@@ -318,3 +318,20 @@ if __name__ == "__main__":  # child processes of the tests above
     sys.path.insert(0, str(Path(__file__).parent))
     if sys.argv[1] == "rank-child":
         _rank_child(sys.argv[2], int(sys.argv[3]))
+
+
+@pytest.mark.parametrize("codec", ["raw", "lossless", "fp8"])
+def test_all_zero_chunks_are_stored(codec, store_path, make_manifest, make_sample, write_samples, assert_sample):
+    """zarr drops all-zero chunks unless told not to, and does not persist that setting: raw layout needs them."""
+    zero = make_sample(1, 96)
+    for role in zero.hidden:
+        zero.hidden[role].zero_()
+    samples = [make_sample(0, 64), zero, make_sample(2, 200), make_sample(3, 40)]
+    write_samples(store_path, make_manifest(codec), samples[:2])
+    m = make_manifest(codec)
+    with StoreWriter(store_path, m, resume=True) as w:  # reopened arrays must keep writing empty chunks
+        for s in samples[2:]:
+            s.append_to(w)
+    r = StoreReader(store_path)
+    for got, want in zip(r, samples, strict=True):
+        assert_sample(got, want, codec)

@@ -1,0 +1,127 @@
+"""Training-time-test (TTT) loss of the EAGLE-3 draft, and the metrics that predict its speed-up.
+
+Step k of the unroll (see `model.Eagle3Draft.forward`) at index t stands for position t + k and
+predicts token t + k + 2, so its teacher is the target's distribution at position j = t + k + 1. The
+pair counts when the teacher is usable there (`TeacherOutput.mask`: token j + 1 is trained on and the
+target's top-1 is a draft-vocab token) and t, j lie in the same packed sample; so the last k + 2
+indices of every sample drop out at step k. The loss is sum_k decay^k * mean over those positions of
+the soft cross-entropy -sum_v teacher(v) log draft(v).
+
+Metrics are kept as per-step sums and counts (tensors on the batch's device), so a runner can add
+them over batches and all-reduce them across ranks before dividing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+from .model import Eagle3Draft
+from .teacher import Teacher, TeacherOutput
+
+BATCH_KEYS = ("input_ids", "loss_mask", "aux", "last", "position_ids", "seq_ids")
+
+
+@dataclass
+class StepMetrics:
+    """Per TTT step k (tensors of shape [steps]): sums over the positions counted at step k."""
+
+    loss_sum: torch.Tensor  # soft cross-entropy
+    correct: torch.Tensor  # draft argmax (mapped to target ids) == target argmax
+    accept_sum: torch.Tensor  # expected acceptance sum_v min(p_target(v), p_draft(v))
+    count: torch.Tensor  # positions counted
+
+    @classmethod
+    def zeros(cls, steps: int, device: torch.device | str = "cpu") -> StepMetrics:
+        return cls(*(torch.zeros(steps, dtype=torch.float64, device=device) for _ in range(4)))
+
+    def __add__(self, other: StepMetrics) -> StepMetrics:
+        return StepMetrics(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_tensor(self) -> torch.Tensor:
+        """[4, steps], e.g. for one all_reduce; `from_tensor` undoes it."""
+        return torch.stack([getattr(self, f.name) for f in fields(self)])
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> StepMetrics:
+        return cls(*t.unbind(0))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self.loss_sum / self.count.clamp(min=1)
+
+    @property
+    def accuracy(self) -> torch.Tensor:
+        return self.correct / self.count.clamp(min=1)
+
+    @property
+    def expected_acceptance(self) -> torch.Tensor:
+        return self.accept_sum / self.count.clamp(min=1)
+
+    def summary(self) -> dict[str, float]:
+        """Flat floats for logging: loss_k, acc_k, accept_k per step and the estimated acceptance lengths."""
+        out: dict[str, float] = {}
+        for k, (loss, acc, accept) in enumerate(
+            zip(self.loss.tolist(), self.accuracy.tolist(), self.expected_acceptance.tolist(), strict=True)
+        ):
+            out.update({f"loss_{k}": loss, f"acc_{k}": acc, f"accept_{k}": accept})
+        out["acceptance_length_greedy"] = estimated_acceptance_length(self.accuracy)
+        out["acceptance_length_sampled"] = estimated_acceptance_length(self.expected_acceptance)
+        return out
+
+
+def estimated_acceptance_length(per_step_acc: Sequence[float] | torch.Tensor) -> float:
+    """Tokens per target forward for chain drafting: 1 + sum_k prod_{j<=k} acc_j.
+
+    The target always yields one token; draft k is kept only if drafts 0..k all were. TTT's step-k
+    accuracy is measured on positions whose earlier drafts were right, so it estimates acc_k given that."""
+    accs = per_step_acc.tolist() if isinstance(per_step_acc, torch.Tensor) else list(per_step_acc)
+    length, survive = 1.0, 1.0
+    for acc in accs:
+        survive *= float(acc)
+        length += survive
+    return length
+
+
+def ttt_loss(
+    draft: Eagle3Draft,
+    batch: Mapping[str, torch.Tensor],
+    teacher: Teacher | TeacherOutput,
+    ttt_steps: int = 7,
+    decay: float = 0.8,
+) -> tuple[torch.Tensor, StepMetrics]:
+    """Unroll `ttt_steps` steps over a packed batch (see BATCH_KEYS); returns the loss and per-step metrics."""
+    missing = [k for k in BATCH_KEYS if k not in batch and not (k == "last" and isinstance(teacher, TeacherOutput))]
+    if missing:
+        raise KeyError(f"batch lacks {missing}; a packed batch has {list(BATCH_KEYS)}")
+    seq_ids = batch["seq_ids"].long()
+    if isinstance(teacher, Teacher):
+        teacher = teacher(batch["last"], batch["loss_mask"], seq_ids)
+    hiddens = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps)
+
+    seq_len = seq_ids.shape[1]
+    metrics = StepMetrics.zeros(ttt_steps, seq_ids.device)
+    loss = hiddens[0].new_zeros((), dtype=torch.float32)
+    for k, hidden in enumerate(hiddens):
+        n = seq_len - k - 1  # indices t whose teacher position t + k + 1 exists
+        if n <= 0:
+            break
+        valid = teacher.mask[:, k + 1 :] & (seq_ids[:, :n] == seq_ids[:, k + 1 :])
+        target = teacher.probs[:, k + 1 :][valid]  # [N, draft_vocab]
+        logp = F.log_softmax(draft.logits(hidden[:, :n][valid]).float(), dim=-1)
+        ce = -(target * logp).sum(-1)
+        count = valid.sum()
+        loss = loss + decay**k * ce.sum() / count.clamp(min=1)
+        with torch.no_grad():
+            pred = logp.argmax(-1)
+            correct = (pred + draft.d2t[pred]) == teacher.top1[:, k + 1 :][valid]
+            p_target = target * teacher.mass[:, k + 1 :][valid][:, None]  # full-vocab probabilities
+            accept = torch.minimum(p_target, logp.exp()).sum(-1)
+            metrics.loss_sum[k] = ce.sum().double()
+            metrics.correct[k] = correct.sum().double()
+            metrics.accept_sum[k] = accept.sum().double()
+            metrics.count[k] = count.double()
+    return loss, metrics
