@@ -23,7 +23,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 TINY_TEMPLATES = ("llama3", "chatml", "mistral")
 
-__all__ = ["tiny_chatml", "tiny_llama3", "tiny_mistral", "tiny_target", "tiny_target_factory", "tiny_tokenizer"]
+__all__ = [
+    "RANDOM_LLAMA",
+    "random_llama",
+    "tiny_chatml",
+    "tiny_llama3",
+    "tiny_mistral",
+    "tiny_target",
+    "tiny_target_factory",
+    "tiny_tokenizer",
+]
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +80,27 @@ def tiny_tokenizer(tiny_target_factory: Callable[..., Path]) -> Callable[[str], 
 def tiny_target(request: pytest.FixtureRequest, tiny_target_factory: Callable[..., Path]) -> Path:
     """Each template in turn; the dir name starts with the template name."""
     return tiny_target_factory(request.param)
+
+
+# A bare random Llama (no tokenizer) for backend tests that feed token ids directly. head_dim 32:
+# vLLM's CPU attention rejects 16.
+RANDOM_LLAMA = {
+    "vocab_size": 300,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
+
+
+@pytest.fixture(scope="session")
+def random_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-llama")
+    LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA)).save_pretrained(path)
+    return str(path)

@@ -5,37 +5,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from generate_fixtures import RANDOM_LLAMA
+from transformers import LlamaForCausalLM
 
 from hsstore.errors import HSStoreError
 from hsstore.generate.backends.hf import HFBackend
 from hsstore.generate.layers import default_aux_layer_ids, parse_layer_ids
 
-N_LAYERS = 4
+N_LAYERS = RANDOM_LLAMA["num_hidden_layers"]
+HIDDEN = RANDOM_LLAMA["hidden_size"]
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
-
-
-def test_layer_ids_follow_vllm_convention(tiny_llama: str) -> None:
-    backend = HFBackend(tiny_llama, dtype="float32")
+def test_layer_ids_follow_vllm_convention(random_llama: str) -> None:
+    backend = HFBackend(random_llama, dtype="float32")
     ids = np.arange(1, 20)
     (captured,) = backend.hidden_states([ids], [0, 1, 2, N_LAYERS])
-    model = LlamaForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    model = LlamaForCausalLM.from_pretrained(random_llama, dtype=torch.float32).eval()
     with torch.no_grad():
         out = model.model(input_ids=torch.as_tensor(ids)[None], output_hidden_states=True)
     ref = out.hidden_states  # ref[k] is the input of decoder layer k for k < N
@@ -47,12 +32,12 @@ def test_layer_ids_follow_vllm_convention(tiny_llama: str) -> None:
     assert not torch.allclose(captured[:, 3], out.last_hidden_state[0])
 
 
-def test_padding_does_not_change_states(tiny_llama: str) -> None:
-    backend = HFBackend(tiny_llama, dtype="float32")
+def test_padding_does_not_change_states(random_llama: str) -> None:
+    backend = HFBackend(random_llama, dtype="float32")
     short, long = np.arange(3, 10), np.arange(5, 40)
     batched = backend.hidden_states([long, short], [2, N_LAYERS])
     alone = backend.hidden_states([short], [2, N_LAYERS])
-    assert batched[1].shape == (len(short), 2, 64)
+    assert batched[1].shape == (len(short), 2, HIDDEN)
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-4)
 
 

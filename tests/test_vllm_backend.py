@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from generate_fixtures import RANDOM_LLAMA
 
 from hsstore.errors import HSStoreError
 from hsstore.generate.backends import load_backend
@@ -26,7 +26,7 @@ from hsstore.generate.backends import vllm_connector
 
 pytestmark = pytest.mark.slow
 
-N_LAYERS = 4
+N_LAYERS = RANDOM_LLAMA["num_hidden_layers"]
 MAX_LEN = 256
 LAYER_IDS = [0, 1, 2, N_LAYERS]
 # bf16 on both sides, different CPU kernels: the per-token relative L2 error of vLLM vs transformers grows
@@ -46,35 +46,24 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=300,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_LEN,
-    )
-    path = tmp_path_factory.mktemp("llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    return str(path)
+def hf(random_llama: str) -> HFBackend:
+    return HFBackend(random_llama, dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
-def hf(tiny_llama: str) -> HFBackend:
-    return HFBackend(tiny_llama, dtype="bfloat16")
-
-
-@pytest.fixture(scope="module")
-def backend(tiny_llama: str):
+def backend(random_llama: str):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default reserves a share of RAM
         mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the backend's default, restored afterwards
         # 64-token steps: longer prompts are prefilled in chunks, so states gather over several steps
         b = load_backend(
-            "vllm", tiny_llama, device="cpu", dtype="bfloat16", enforce_eager=True, max_num_batched_tokens=64
+            "vllm",
+            random_llama,
+            device="cpu",
+            dtype="bfloat16",
+            enforce_eager=True,
+            max_num_batched_tokens=64,
+            max_model_len=MAX_LEN,
         )
         yield b
         b.close()

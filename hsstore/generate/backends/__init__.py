@@ -3,10 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class TargetDims:
+    """The sizes a backend reports, read from the target's config alone (no weights loaded)."""
+
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, model: str) -> TargetDims:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return cls(int(text.num_hidden_layers), int(text.hidden_size), int(text.vocab_size))
 
 
 class HiddenStateBackend(Protocol):

@@ -11,20 +11,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from ...errors import HSStoreError
+from . import TargetDims
 
 
 class HFBackend:
     def __init__(self, model: str, *, device: str = "cpu", dtype: str = "bfloat16") -> None:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        config = AutoConfig.from_pretrained(model)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.num_layers = int(text_config.num_hidden_layers)
-        self.hidden_size = int(text_config.hidden_size)
-        self.vocab_size = int(text_config.vocab_size)
+        dims = TargetDims.of(model)
+        self.num_layers, self.hidden_size, self.vocab_size = dims.num_layers, dims.hidden_size, dims.vocab_size
         lm = AutoModelForCausalLM.from_pretrained(model, dtype=self.dtype)
         self.decoder = lm.get_decoder().to(self.device).eval()
         self.layers = self.decoder.layers

@@ -31,10 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
 from ...errors import HSStoreError
-from . import vllm_connector
+from . import TargetDims, vllm_connector
 from .vllm_connector import KEY_PARAM
 
 
@@ -54,11 +53,8 @@ class VLLMBackend:
         """`engine_kwargs` go to `vllm.LLM` (e.g. enforce_eager, max_num_batched_tokens, enable_prefix_caching)."""
         self.model = model
         self.dtype = getattr(torch, dtype)
-        config = AutoConfig.from_pretrained(model)
-        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-        self.num_layers = int(text_config.num_hidden_layers)
-        self.hidden_size = int(text_config.hidden_size)
-        self.vocab_size = int(text_config.vocab_size)
+        dims = TargetDims.of(model)
+        self.num_layers, self.hidden_size, self.vocab_size = dims.num_layers, dims.hidden_size, dims.vocab_size
         self.timeout = timeout
         self._check_device(device)
         if tensor_parallel_size == 1:
