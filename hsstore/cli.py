@@ -27,7 +27,8 @@ def main() -> None:
     try:
         app()
     except HSStoreError as e:
-        Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False)
+        # soft_wrap: one line however narrow the terminal, so logs and tests see the whole message
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         raise SystemExit(1) from None
 
 

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .regenerate_cli import regenerate
+
 console = Console()
 
 DEMO_CACHE = Path(".hsstore-cache")
@@ -19,6 +21,7 @@ DEMO_CACHE = Path(".hsstore-cache")
 def register(app: typer.Typer) -> None:
     app.command()(generate)
     app.command()(prepare)
+    app.command()(regenerate)
     app.command()(demo)
 
 

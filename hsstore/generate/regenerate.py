@@ -128,7 +128,7 @@ class ServerPool:
     def __init__(self, urls: Sequence[str], cooldown: float = 5.0) -> None:
         if not urls:
             raise RegenerateError("no server given; pass --server http://HOST:PORT (repeat it for several servers)")
-        self.urls = list(urls)
+        self.urls = list(dict.fromkeys(urls))  # the same server twice would not be twice as fast
         self.busy = dict.fromkeys(self.urls, 0)
         self.requests = dict.fromkeys(self.urls, 0)
         self.down_until = dict.fromkeys(self.urls, 0.0)
@@ -566,6 +566,8 @@ async def run_ordered(
 # --- the whole command -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RegenerateResult:
+    """What a run did, for the summary line: the output files, counts and the request spread."""
+
     out: Path
     errors: Path
     model: str
