@@ -26,6 +26,8 @@ def default_aux_layer_ids(num_layers: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DraftConfig:
+    """Sizes of the draft's one decoder layer (the target's), its vocab, and the target facts it must match."""
+
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int

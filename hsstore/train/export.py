@@ -13,6 +13,7 @@ vLLM shares the target's):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,15 +26,23 @@ from .model import Eagle3Draft
 ExportFormat = Literal["vllm", "speculators"]
 WEIGHTS_FILE = "model.safetensors"
 SPECULATORS_VERSION = "0.3.0"  # the config layout vLLM 0.32's SpeculatorsConfig reads
+EXPORTED_NAMES = frozenset(
+    ["fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d"]
+    + [f"midlayer.{n}.weight" for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm")]
+    + [f"midlayer.self_attn.{n}_proj.weight" for n in "qkvo"]
+    + [f"midlayer.mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+)
 
 
-def export_state_dict(draft: Eagle3Draft, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def export_state_dict(
+    config: DraftConfig, state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """The draft's weights under the names vLLM loads, floats cast to `dtype`.
 
     d2t/t2d are left out when the draft vocab is the whole target vocab: vLLM then has no mapping to load."""
-    full_vocab = draft.config.draft_vocab_size == draft.config.target_vocab_size
+    full_vocab = config.draft_vocab_size == config.target_vocab_size
     out = {}
-    for name, tensor in draft.state_dict().items():
+    for name, tensor in state_dict.items():
         if name.startswith("embed_tokens.") or (full_vocab and name in ("d2t", "t2d")):
             continue
         t = tensor.detach().to("cpu")
@@ -125,9 +134,11 @@ def export_draft(
     *,
     dtype: torch.dtype = torch.bfloat16,
     speculative_tokens: int = 3,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write config.json + model.safetensors to `out_dir`; `target_dir` (the verifier) is required for
-    "speculators" and supplies token ids for "vllm"."""
+    "speculators" and supplies token ids for "vllm". `state_dict`: a full (gathered) state dict to write
+    instead of `draft.state_dict()`, e.g. `accelerator.get_state_dict(model)` under FSDP."""
     from safetensors.torch import save_file
 
     if format not in ("vllm", "speculators"):
@@ -148,6 +159,11 @@ def export_draft(
         assert target_dir is not None
         config = speculators_config(draft.config, target, target_dir, dtype, speculative_tokens)
     config["hsstore"] = {"aux_layer_ids": list(draft.config.aux_layer_ids), "target": str(target_dir or "")}
-    save_file(export_state_dict(draft, dtype), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
+    weights = export_state_dict(draft.config, draft.state_dict() if state_dict is None else state_dict, dtype)
+    full_vocab = draft.config.draft_vocab_size == draft.config.target_vocab_size
+    missing = sorted(EXPORTED_NAMES - set(weights) - ({"d2t", "t2d"} if full_vocab else set()))
+    if missing:
+        raise HSStoreError(f"export: the state dict lacks {missing}; pass the full (unsharded) draft state")
+    save_file(weights, str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir

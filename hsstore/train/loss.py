@@ -1,6 +1,6 @@
 """Training-time-test (TTT) loss of the EAGLE-3 draft, and the metrics that predict its speed-up.
 
-Step k of the unroll (see `model.Eagle3Draft.forward`) at index t stands for position t + k and
+Step k of the unroll (see `model.Eagle3Draft.unroll`) at index t stands for position t + k and
 predicts token t + k + 2, so its teacher is the target's distribution at position j = t + k + 1. The
 pair counts when the teacher is usable there (`TeacherOutput.mask`: token j + 1 is trained on and the
 target's top-1 is a draft-vocab token) and t, j lie in the same packed sample; so the last k + 2
@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .model import Eagle3Draft
 from .teacher import Teacher, TeacherOutput
@@ -86,42 +87,72 @@ def estimated_acceptance_length(per_step_acc: Sequence[float] | torch.Tensor) ->
     return length
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The draft inside DDP/FSDP wrappers (they keep it as `.module`)."""
+    while not hasattr(model, "d2t") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def ttt_loss(
-    draft: Eagle3Draft,
+    draft: Eagle3Draft | nn.Module,
     batch: Mapping[str, torch.Tensor],
     teacher: Teacher | TeacherOutput,
     ttt_steps: int = 7,
     decay: float = 0.8,
 ) -> tuple[torch.Tensor, StepMetrics]:
-    """Unroll `ttt_steps` steps over a packed batch (see BATCH_KEYS); returns the loss and per-step metrics."""
+    """Unroll `ttt_steps` steps over a packed batch (see BATCH_KEYS); returns the loss and per-step metrics.
+
+    `draft` may be wrapped (DDP, FSDP): it is only called, once."""
     missing = [k for k in BATCH_KEYS if k not in batch and not (k == "last" and isinstance(teacher, TeacherOutput))]
     if missing:
         raise KeyError(f"batch lacks {missing}; a packed batch has {list(BATCH_KEYS)}")
     seq_ids = batch["seq_ids"].long()
     if isinstance(teacher, Teacher):
         teacher = teacher(batch["last"], batch["loss_mask"], seq_ids)
-    hiddens = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps)
+    valid = step_positions(teacher.mask, seq_ids, ttt_steps)
+    logits = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps, select=valid)
+    d2t = unwrap(draft).d2t
 
-    seq_len = seq_ids.shape[1]
     metrics = StepMetrics.zeros(ttt_steps, seq_ids.device)
-    loss = hiddens[0].new_zeros((), dtype=torch.float32)
-    for k, hidden in enumerate(hiddens):
-        n = seq_len - k - 1  # indices t whose teacher position t + k + 1 exists
-        if n <= 0:
-            break
-        valid = teacher.mask[:, k + 1 :] & (seq_ids[:, :n] == seq_ids[:, k + 1 :])
-        target = teacher.probs[:, k + 1 :][valid]  # [N, draft_vocab]
-        logp = F.log_softmax(draft.logits(hidden[:, :n][valid]).float(), dim=-1)
+    loss = torch.zeros((), device=seq_ids.device)
+    for k, (step_logits, sel) in enumerate(zip(logits, valid, strict=True)):
+        target = ahead(teacher.probs, sel, k + 1)  # [N, draft_vocab]: the teacher at t + k + 1
+        logp = F.log_softmax(step_logits.float(), dim=-1)
         ce = -(target * logp).sum(-1)
-        count = valid.sum()
+        count = sel.sum()
         loss = loss + decay**k * ce.sum() / count.clamp(min=1)
         with torch.no_grad():
             pred = logp.argmax(-1)
-            correct = (pred + draft.d2t[pred]) == teacher.top1[:, k + 1 :][valid]
-            p_target = target * teacher.mass[:, k + 1 :][valid][:, None]  # full-vocab probabilities
+            correct = (pred + d2t[pred]) == ahead(teacher.top1, sel, k + 1)
+            p_target = target * ahead(teacher.mass, sel, k + 1)[:, None]  # full-vocab probabilities
             accept = torch.minimum(p_target, logp.exp()).sum(-1)
             metrics.loss_sum[k] = ce.sum().double()
             metrics.correct[k] = correct.sum().double()
             metrics.accept_sum[k] = accept.sum().double()
             metrics.count[k] = count.double()
     return loss, metrics
+
+
+def shift_left(x: torch.Tensor, n: int, fill: int = 0) -> torch.Tensor:
+    """[B, T] -> x[:, t + n] at t, `fill` past the end."""
+    out = torch.full_like(x, fill)
+    if n < x.shape[1]:
+        out[:, : x.shape[1] - n] = x[:, n:]
+    return out
+
+
+def ahead(x: torch.Tensor, sel: torch.Tensor, n: int) -> torch.Tensor:
+    """x[:, t + n] at the indices t that `sel` marks (sel is False past T - n), without copying all of x."""
+    if n >= x.shape[1]:
+        return x.new_zeros((0, *x.shape[2:]))
+    return x[:, n:][sel[:, : x.shape[1] - n]]
+
+
+def step_positions(teacher_mask: torch.Tensor, seq_ids: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """[B, T] bool per step k: indices t whose teacher position t + k + 1 is usable and in t's sample."""
+    masks = []
+    for k in range(steps):
+        same_sample = shift_left(seq_ids, k + 1, fill=-2) == seq_ids
+        masks.append(shift_left(teacher_mask, k + 1) & same_sample & (seq_ids >= 0))
+    return masks

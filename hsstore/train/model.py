@@ -48,8 +48,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(config: DraftConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and cos/sin scale of the target's RoPE (scaled variants via transformers)."""
     if config.rope_type == "default":
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
-        return (1.0 / config.rope_theta**exponents).float(), 1.0
+        # in fp32 exactly as transformers and vLLM compute it: far positions amplify any rounding difference
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim
+        return 1.0 / (config.rope_theta**exponents), 1.0
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -194,6 +195,8 @@ def shift_within_sample(tokens: torch.Tensor, seq_ids: torch.Tensor, shift: int,
 
 # --- the draft ---------------------------------------------------------------------------------------
 class Eagle3Draft(nn.Module):
+    """fc + one decoder layer + norm + lm_head over the draft vocab; d2t/t2d map draft ids to target ids."""
+
     def __init__(
         self,
         config: DraftConfig,
@@ -277,7 +280,7 @@ class Eagle3Draft(nn.Module):
         return self.lm_head(self.norm(hidden))
 
     # --- training-time test ---------------------------------------------------------------------------
-    def forward(
+    def unroll(
         self,
         input_ids: torch.Tensor,
         aux: torch.Tensor,
@@ -301,6 +304,24 @@ class Eagle3Draft(nn.Module):
             outputs.append(hidden)
         return outputs
 
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        aux: torch.Tensor,
+        position_ids: torch.Tensor,
+        seq_ids: torch.Tensor,
+        steps: int = 1,
+        select: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Each TTT step's logits over the draft vocab: [B, T, draft_vocab], or [N_k, draft_vocab] at the
+        positions `select[k]` ([B, T] bool) marks, so the lm_head runs only where a loss needs it.
+
+        Everything that touches parameters happens here, so DDP/FSDP wrappers see one forward call."""
+        hiddens = self.unroll(input_ids, aux, position_ids, seq_ids, steps)
+        if select is None:
+            return [self.logits(h) for h in hiddens]
+        return [self.logits(h[sel]) for h, sel in zip(hiddens, select, strict=True)]
+
 
 def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor, config: DraftConfig) -> None:
     """d2t [draft_vocab] and t2d [target_vocab] must describe the same set of target ids."""
@@ -317,8 +338,3 @@ def check_vocab_maps(d2t: torch.Tensor, t2d: torch.Tensor, config: DraftConfig) 
         or not bool(t2d[ids.clamp(0, len(t2d) - 1)].all())
     ):
         raise HSStoreError("draft vocab maps: d2t and t2d disagree (d2t must map onto exactly the ids t2d marks)")
-
-
-def vocab_tensors(d2t: Sequence[int] | torch.Tensor, t2d: Sequence[bool] | torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """numpy arrays or lists (e.g. hsstore.vocab.DraftVocab fields) -> (d2t int64, t2d bool) tensors."""
-    return torch.as_tensor(d2t, dtype=torch.long), torch.as_tensor(t2d, dtype=torch.bool)

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..errors import HSStoreError
 
-DEFAULT_CHUNK = 16384  # lm_head rows per matmul: [tokens, 16384] fp32 at a time
+DEFAULT_CHUNK = 16384  # lm_head rows per matmul
+DEFAULT_TOKEN_CHUNK = 4096  # positions per pass: at most [4096, 16384] fp32 (256 MiB) of logits at a time
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Teacher(nn.Module):
         t2d: torch.Tensor,
         eps: float,
         chunk_size: int = DEFAULT_CHUNK,
+        token_chunk: int = DEFAULT_TOKEN_CHUNK,
     ) -> None:
         super().__init__()
         vocab, width = lm_head.shape
@@ -66,6 +68,7 @@ class Teacher(nn.Module):
             raise HSStoreError("draft vocab maps: d2t and t2d disagree; rebuild with `hsstore vocab`")
         self.eps = eps
         self.chunk_size = chunk_size
+        self.token_chunk = token_chunk
         # kept in the checkpoint's dtype (bf16 upcasts exactly), multiplied in fp32 one chunk at a time
         self.register_buffer("norm_weight", norm_weight.clone(), persistent=False)
         self.register_buffer("draft_rows", lm_head[draft_ids].clone(), persistent=False)
@@ -74,13 +77,18 @@ class Teacher(nn.Module):
 
     @classmethod
     def from_target(
-        cls, target_dir: str | Path, d2t: torch.Tensor, t2d: torch.Tensor, chunk_size: int = DEFAULT_CHUNK
+        cls,
+        target_dir: str | Path,
+        d2t: torch.Tensor,
+        t2d: torch.Tensor,
+        chunk_size: int = DEFAULT_CHUNK,
+        token_chunk: int = DEFAULT_TOKEN_CHUNK,
     ) -> Teacher:
         """Loads only the final norm and the lm_head (the embedding, for tied models) from safetensors."""
         from .target import load_final_norm, load_lm_head, read_target_config
 
         eps = float(read_target_config(target_dir).get("rms_norm_eps", 1e-6))
-        return cls(load_final_norm(target_dir), load_lm_head(target_dir), d2t, t2d, eps, chunk_size)
+        return cls(load_final_norm(target_dir), load_lm_head(target_dir), d2t, t2d, eps, chunk_size, token_chunk)
 
     @property
     def draft_vocab_size(self) -> int:
@@ -95,6 +103,21 @@ class Teacher(nn.Module):
     def _chunked_logits(self, x: torch.Tensor, rows: torch.Tensor) -> Iterator[torch.Tensor]:
         for start in range(0, len(rows), self.chunk_size):
             yield x @ rows[start : start + self.chunk_size].float().T
+
+    def _restricted(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Normed states [N, H] -> restricted probs, top-1-in-draft flag, top-1 target id, draft-vocab mass."""
+        draft_logits = torch.cat(list(self._chunked_logits(x, self.draft_rows)), dim=-1)  # [N, draft_vocab]
+        draft_max, draft_arg = draft_logits.max(-1)
+        draft_lse = draft_logits.logsumexp(-1)
+        other_max = torch.full_like(draft_max, float("-inf"))
+        other_lse = torch.full_like(draft_max, float("-inf"))
+        for chunk in self._chunked_logits(x, self.other_rows):
+            other_max = torch.maximum(other_max, chunk.max(-1).values)
+            other_lse = torch.logaddexp(other_lse, chunk.logsumexp(-1))
+        in_draft = draft_max >= other_max  # the target's top-1 is a draft-vocab token
+        probs = (draft_logits - draft_lse[:, None]).exp()
+        top1 = torch.where(in_draft, self.draft_ids[draft_arg], -1)
+        return probs, in_draft, top1, (draft_lse - torch.logaddexp(draft_lse, other_lse)).exp()
 
     @torch.no_grad()
     def forward(
@@ -112,22 +135,8 @@ class Teacher(nn.Module):
         top1 = torch.full((b, t), -1, dtype=torch.long, device=last.device)
         mass = torch.zeros(b, t, device=last.device)
         rows = next_in_sample.nonzero(as_tuple=True)  # only positions that can be a target
-        if rows[0].numel() == 0:
-            return TeacherOutput(probs, mask, top1, mass)
-
-        x = self.normed(last[rows])  # [N, H]
-        draft_logits = torch.cat(list(self._chunked_logits(x, self.draft_rows)), dim=-1)  # [N, draft_vocab]
-        draft_max, draft_arg = draft_logits.max(-1)
-        draft_lse = draft_logits.logsumexp(-1)
-        other_max = torch.full_like(draft_max, float("-inf"))
-        other_lse = torch.full_like(draft_max, float("-inf"))
-        for chunk in self._chunked_logits(x, self.other_rows):
-            other_max = torch.maximum(other_max, chunk.max(-1).values)
-            other_lse = torch.logaddexp(other_lse, chunk.logsumexp(-1))
-
-        in_draft = draft_max >= other_max  # target's top-1 is a draft-vocab token
-        probs[rows] = (draft_logits - draft_lse[:, None]).exp()
-        mask[rows] = in_draft
-        top1[rows] = torch.where(in_draft, self.draft_ids[draft_arg], -1)
-        mass[rows] = (draft_lse - torch.logaddexp(draft_lse, other_lse)).exp()
+        for start in range(0, len(rows[0]), self.token_chunk):  # bounds the transient [tokens, chunk] logits
+            block = (rows[0][start : start + self.token_chunk], rows[1][start : start + self.token_chunk])
+            p, in_draft, top, m = self._restricted(self.normed(last[block]))
+            probs[block], mask[block], top1[block], mass[block] = p, in_draft, top, m
         return TeacherOutput(probs, mask, top1, mass)
