@@ -1,0 +1,5 @@
+"""`python -m hsstore.train` and `accelerate launch [--config_file ...] -m hsstore.train`: `hsstore train`."""
+
+from .cli import main
+
+main()
