@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hsstore demo --out demo-store
+	$(VENV)/bin/hsstore demo --out demo
 
 # pytest exits 5 when it collects no tests: say so and fail (a green run must have run tests)
 test: $(STAMP)
@@ -34,4 +34,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/store_bench.py
 
 clean:
-	rm -rf demo-store .pytest_cache
+	rm -rf demo .hsstore-cache .pytest_cache

@@ -218,9 +218,11 @@ def _human(n: float) -> str:
 
 def _register_subcommands() -> None:
     """Commands whose modules import heavy libraries register lazily (see hsstore/generate/cli.py)."""
+    from .demo import demo
     from .train.cli import register as register_train  # train, eval, export
 
     register_train(app)
+    app.command()(demo)
     try:
         from .generate.cli import register
     except ImportError:  # the generate subpackage is optional at import time

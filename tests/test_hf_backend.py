@@ -43,6 +43,7 @@ def test_padding_does_not_change_states(random_llama: str) -> None:
 
 def test_layer_id_validation() -> None:
     assert default_aux_layer_ids(32) == [2, 16, 29]
+    assert default_aux_layer_ids(4) == [1, 2, 3], "shallow targets still get three distinct layers"
     assert parse_layer_ids("1,2,4", 4) == [1, 2, 4]
     with pytest.raises(HSStoreError, match="out of range"):
         parse_layer_ids("1,2,5", 4)

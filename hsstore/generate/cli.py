@@ -1,8 +1,7 @@
-"""CLI commands of the generate subpackage: generate, prepare, demo (registered on hsstore's app)."""
+"""CLI commands of the generate subpackage: generate, prepare, regenerate (registered on hsstore's app)."""
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Annotated
@@ -15,14 +14,11 @@ from .regenerate_cli import regenerate
 
 console = Console()
 
-DEMO_CACHE = Path(".hsstore-cache")
-
 
 def register(app: typer.Typer) -> None:
     app.command()(generate)
     app.command()(prepare)
     app.command()(regenerate)
-    app.command()(demo)
 
 
 def generate(
@@ -141,41 +137,3 @@ def prepare(
     result = write_prepared(data, out, max_samples=max_samples, seed=seed, shuffle=shuffle, skips=skips, overwrite=True)
     console.print(f"{result.written:,} conversations written to {result.path}")
     console.print(skips.report(), highlight=False, markup=False)
-
-
-def demo(
-    out: Annotated[str, typer.Option(help="Store to write.")] = "demo-store",
-    samples: Annotated[int, typer.Option(help="ShareGPT conversations to use.")] = 64,
-    codec: Annotated[str, typer.Option(help="raw, lossless or fp8.")] = "lossless",
-) -> None:
-    """End to end on the embedded default: a tiny Llama target + packaged ShareGPT text -> store -> inspect."""
-    from ..cli import inspect, verify
-    from .tiny import build_tiny_target
-
-    target = build_tiny_target(DEMO_CACHE / "tiny-llama3", template="llama3")
-    console.rule(f"tiny target at {target}")
-    generate(
-        model=str(target),
-        data=["sharegpt"],
-        out=out,
-        codec=codec,
-        seq_length=512,
-        max_samples=samples,
-        overwrite=True,
-        chunk_tokens=64,
-        shard_tokens=4096,
-        batch_tokens=4096,
-        cache_dir=str(DEMO_CACHE / "datasets"),
-    )
-    console.rule("inspect")
-    inspect(out, tokenizer=str(target), sample=0, top_k=10)
-    console.rule("verify")
-    verify(out)
-
-
-def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]

@@ -13,10 +13,14 @@ from ..errors import HSStoreError
 
 
 def default_aux_layer_ids(num_layers: int) -> list[int]:
-    """EAGLE-3's choice: [2, N // 2, N - 3], deduplicated for very shallow targets."""
-    ids = [2, num_layers // 2, num_layers - 3]
-    ids = [min(max(i, 0), num_layers) for i in ids]
-    return sorted(set(ids))
+    """EAGLE-3's choice, [2, N // 2, N - 3]; for shallow targets where that repeats a layer (N < 8),
+    three distinct layers spread over 1..N-1 instead, since the draft always fuses three."""
+    ids = sorted({2, num_layers // 2, num_layers - 3})
+    if len(ids) == 3 and ids[0] >= 0:
+        return ids
+    if num_layers < 3:
+        raise HSStoreError(f"a target with {num_layers} layers has too few for EAGLE-3's three aux layers")
+    return sorted({1, max(2, num_layers // 2), num_layers - 1})
 
 
 def parse_layer_ids(text: str | None, num_layers: int) -> list[int]:

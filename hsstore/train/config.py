@@ -14,14 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HSStoreError
+from ..generate.layers import default_aux_layer_ids
 
 NUM_AUX_LAYERS = 3  # EAGLE-3 fuses a low, a middle and a high layer
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "draft"
-
-
-def default_aux_layer_ids(num_layers: int) -> tuple[int, ...]:
-    """EAGLE-3's and vLLM's default, in vLLM's numbering (id k = input of decoder layer k)."""
-    return (2, num_layers // 2, num_layers - 3)
 
 
 @dataclass(frozen=True)
@@ -114,7 +110,7 @@ class DraftConfig:
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                 target_vocab_size=int(config["vocab_size"]),
                 draft_vocab_size=int(draft_vocab_size),
-                aux_layer_ids=tuple(aux_layer_ids) if aux_layer_ids else default_aux_layer_ids(num_layers),
+                aux_layer_ids=tuple(aux_layer_ids) if aux_layer_ids else tuple(default_aux_layer_ids(num_layers)),
                 target_hidden_size=hidden,
                 target_num_layers=num_layers,
                 hidden_act=str(config.get("hidden_act", "silu")),
