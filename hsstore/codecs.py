@@ -83,6 +83,10 @@ class HiddenCodec(ABC):
     def decode(self, stored: dict[str, torch.Tensor], logical: str) -> torch.Tensor:
         """Inverse of encode, on whatever device the stored tensors are on."""
 
+    @abstractmethod
+    def all_finite(self, encoded: dict[str, np.ndarray], logical: str) -> bool:
+        """No NaN/inf in encode's output: checked on the stored bits, which is cheap and never stalls."""
+
 
 class RawCodec(HiddenCodec):
     """Bytes only: readers memory-map shards and hand out views."""
@@ -98,6 +102,12 @@ class RawCodec(HiddenCodec):
 
     def decode(self, stored, logical):
         return stored[""]
+
+    def all_finite(self, encoded, logical):
+        bits = encoded[""]
+        if logical == "bfloat16":  # exponent all ones = inf or NaN
+            return not bool(np.any((bits & 0x7F80) == 0x7F80))
+        return bool(np.isfinite(bits).all())
 
 
 class LosslessCodec(RawCodec):
@@ -132,6 +142,10 @@ class Fp8Codec(HiddenCodec):
 
     def decode(self, stored, logical):
         return dequantize_fp8(stored[""], stored["_scale"], dtypes.torch_dtype(logical))
+
+    def all_finite(self, encoded, logical):
+        # a NaN/inf input makes its token's amax, so its scale, non-finite
+        return bool(np.isfinite(encoded["_scale"]).all())
 
 
 def dequantize_fp8(payload: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

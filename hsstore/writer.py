@@ -342,14 +342,20 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}; "
                     f"pass the target's activations as they come out of the model ({spec.logical_dtype} or float32)"
                 )
-            if not bool(torch.isfinite(t.detach().abs().amax())):  # amax propagates NaN; ~10x faster than isfinite
-                bad = int((~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()[0, 0])
+            codec = get_codec(spec.codec)
+            encoded = codec.encode(t, spec.logical_dtype)
+            if not codec.all_finite(encoded, spec.logical_dtype):
+                bad_tokens = (~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()
+                at = (
+                    f"first at token {int(bad_tokens[0, 0])}"
+                    if len(bad_tokens)
+                    else f"after casting to {spec.logical_dtype}"
+                )
                 raise SampleError(
-                    f"{where}: hidden[{spec.role!r}] holds NaN/inf (first at token {bad}); "
+                    f"{where}: hidden[{spec.role!r}] holds NaN/inf ({at}); "
                     "check the target's dtype (fp16 overflow?) and skip this sample"
                 )
-            codec = get_codec(spec.codec)
-            for suffix, rows in codec.encode(t, spec.logical_dtype).items():
+            for suffix, rows in encoded.items():
                 out[layout.hidden_array_name(spec.role, suffix)] = rows
         return out
 
