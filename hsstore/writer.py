@@ -15,11 +15,14 @@ from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import crc32c
 import numpy as np
 import torch
 import zarr
+from zarr.core.buffer import cpu
+from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from . import layout
@@ -29,6 +32,7 @@ from .dtypes import torch_dtype
 from .errors import HSStoreError, IncompatibleStoreError, NotAStoreError, SampleError, StoreExistsError
 from .layout import TokenArray
 from .manifest import MANIFEST_KEY, Manifest
+from .shardfile import chunk_encoder, encode_shard
 from .storage import local_path, open_store
 
 MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
@@ -424,7 +428,7 @@ class StoreWriter:
             arr = self._zarr[a.name]
             if arr.shape[0] < end:
                 arr.resize((end, *arr.shape[1:]))
-            arr[job.start : end] = rows[a.name]
+            self._write_rows(a, arr, job.start, rows[a.name])
             if a.stored.raw_layout:
                 self._record_shard_crc(a.name, shard_index, rows[a.name])
             self._note_shard_size(a, shard_index)
@@ -440,6 +444,22 @@ class StoreWriter:
             commit.loss_tokens += sum(s.loss_tokens for s in job.completed)
         commit.shards = -(-commit.tokens // self._shard)
         self._part.attrs[layout.COMMIT_KEY] = commit.stamped()
+
+    def _write_rows(self, a: TokenArray, arr: zarr.Array, start: int, rows: np.ndarray) -> None:
+        """One shard slot: local stores get the shard's bytes built in one pass (an atomic file replace),
+        remote ones go through zarr."""
+        if self._local_part is None:
+            arr[start : start + len(rows)] = rows
+            return
+        g = self.manifest.geometry
+        data = encode_shard(rows, g.chunk_tokens, g.shard_tokens, self._encoders[a.name])
+        key = "/".join([layout.part_path(self.rank), a.name, "c", str(start // g.shard_tokens)])
+        key += "/0" * len(a.stored.per_token_shape)
+        sync(self._store.set(key, cpu.Buffer.from_bytes(data)))
+
+    @cached_property
+    def _encoders(self) -> dict[str, Any]:
+        return {a.name: chunk_encoder(a.stored.compressors) for a in self._arrays}
 
     @cached_property
     def _logical_row_bytes(self) -> int:
