@@ -24,7 +24,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 TINY_TEMPLATES = ("llama3", "chatml", "mistral")
 
 __all__ = [
+    "CONFIDENT_LOGIT_SCALE",
     "RANDOM_LLAMA",
+    "confident_target",
     "random_llama",
     "tiny_chatml",
     "tiny_llama3",
@@ -104,3 +106,23 @@ def random_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("random-llama")
     LlamaForCausalLM(LlamaConfig(**RANDOM_LLAMA)).save_pretrained(path)
     return str(path)
+
+
+# A random tiny target's logits have std ~0.2: its softmax, the draft's teacher, is near uniform and
+# there is nothing to learn. Scaling its lm_head makes a confident teacher for training tests.
+CONFIDENT_LOGIT_SCALE = 40.0
+
+
+@pytest.fixture(scope="session")
+def confident_target(tiny_llama3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path_factory.mktemp("targets") / "confident"
+    shutil.copytree(tiny_llama3, path)
+    weights = load_file(path / "model.safetensors")
+    head = weights["lm_head.weight"]
+    weights["lm_head.weight"] = (head.float() * CONFIDENT_LOGIT_SCALE).to(head.dtype)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return path

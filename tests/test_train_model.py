@@ -17,7 +17,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from hsstore.errors import HSStoreError
 from hsstore.train.config import DraftConfig
@@ -37,7 +35,6 @@ from hsstore.train.teacher import Teacher
 H = 64
 TARGET_VOCAB = 300
 DRAFT_VOCAB = 100
-SHARPEN = 40.0  # lm_head scale of the confident target
 DRAFT_VOCAB_E2E = 512
 SEQ = 256  # tokens per packed row in the end-to-end tests
 TOPICS = ("the sea", "a cat", "coffee", "rain", "music", "trains", "the moon", "bread", "winter", "chess", "maps")
@@ -381,16 +378,6 @@ def test_estimated_acceptance_length() -> None:
 
 
 # --- end to end: real store, training, export, vLLM --------------------------------------------------
-@pytest.fixture(scope="module")
-def confident_target(tiny_llama3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("targets") / "confident"
-    shutil.copytree(tiny_llama3, path)
-    weights = load_file(path / "model.safetensors")
-    weights["lm_head.weight"] = (weights["lm_head.weight"].float() * SHARPEN).to(weights["lm_head.weight"].dtype)
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
-
-
 def self_generated_chats(target: Path, prompts: list[str], max_new_tokens: int) -> list[dict]:
     """ShareGPT-style chats whose replies are the target's own greedy continuations."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

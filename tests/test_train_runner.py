@@ -31,7 +31,6 @@ from hsstore.train.trainer import METRICS_FILE, warmup_cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
-SHARPEN = 40.0  # lm_head scale: a random tiny target is otherwise a near-uniform teacher
 DRAFT_VOCAB = 256
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 # small and fast: 3 TTT steps over 384-token batches, a high learning rate so 20 steps show learning
@@ -99,13 +98,8 @@ def chats(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def target(tiny_llama3: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("targets") / "confident"
-    shutil.copytree(tiny_llama3, path)
-    weights = load_file(path / "model.safetensors")
-    weights["lm_head.weight"] = (weights["lm_head.weight"].float() * SHARPEN).to(weights["lm_head.weight"].dtype)
-    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    return path
+def target(confident_target: Path) -> Path:
+    return confident_target
 
 
 @pytest.fixture(scope="module")
