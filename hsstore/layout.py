@@ -56,6 +56,11 @@ def part_path(rank: int) -> str:
     return f"{PARTS_GROUP}/{part_name(rank)}"
 
 
+def shard_chunk_key(shard_index: int, trailing_dims: int) -> str:
+    """Key of a token-major array's shard file inside the array (zarr's default "c/k/0/..." encoding)."""
+    return "/".join(["c", str(shard_index), *(["0"] * trailing_dims)])
+
+
 def hidden_array_name(role: str, suffix: str = "") -> str:
     return f"hidden/{role}{suffix}"
 

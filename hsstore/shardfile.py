@@ -26,6 +26,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .errors import CorruptStoreError, IncompatibleStoreError
+from .layout import shard_chunk_key
 
 EMPTY = np.uint64(2**64 - 1)
 MAX_OPEN_SHARDS = 512
@@ -179,7 +180,7 @@ class LocalArray:
         self._lock = threading.Lock()  # get_batch reads from several threads
 
     def shard_path(self, k: int) -> Path:
-        return self.array_dir.joinpath("c", str(k), *(["0"] * len(self.row_shape)))
+        return self.array_dir / shard_chunk_key(k, len(self.row_shape))
 
     def shard(self, k: int) -> ShardFile:
         with self._lock:

@@ -9,7 +9,6 @@ shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -431,7 +430,6 @@ class StoreWriter:
             self._write_rows(a, arr, job.start, rows[a.name])
             if a.stored.raw_layout:
                 self._record_shard_crc(a.name, shard_index, rows[a.name])
-            self._note_shard_size(a, shard_index)
         self._shard_logical_bytes[shard_index] = n * self._logical_row_bytes
         commit = self.commit
         if job.completed:
@@ -452,10 +450,11 @@ class StoreWriter:
             arr[start : start + len(rows)] = rows
             return
         g = self.manifest.geometry
+        shard_index = start // g.shard_tokens
         data = encode_shard(rows, g.chunk_tokens, g.shard_tokens, self._encoders[a.name])
-        key = "/".join([layout.part_path(self.rank), a.name, "c", str(start // g.shard_tokens)])
-        key += "/0" * len(a.stored.per_token_shape)
-        sync(self._store.set(key, cpu.Buffer.from_bytes(data)))
+        key = layout.shard_chunk_key(shard_index, len(a.stored.per_token_shape))
+        sync(self._store.set(f"{layout.part_path(self.rank)}/{a.name}/{key}", cpu.Buffer.from_bytes(data)))
+        self._shard_file_bytes[(a.name, shard_index)] = len(data)  # for progress: the file is exactly this
 
     @cached_property
     def _encoders(self) -> dict[str, Any]:
@@ -468,14 +467,6 @@ class StoreWriter:
             int(np.prod(h.per_token_shape)) * torch_dtype(h.logical_dtype).itemsize for h in self.manifest.hidden
         )
         return 4 + 1 + hidden
-
-    def _note_shard_size(self, a: TokenArray, shard_index: int) -> None:
-        if self._local_part is None:
-            return
-        key = "/".join(["c", str(shard_index), *(["0"] * len(a.stored.per_token_shape))])
-        path = self._local_part / layout.part_path(self.rank) / a.name / key
-        with contextlib.suppress(FileNotFoundError):
-            self._shard_file_bytes[(a.name, shard_index)] = path.stat().st_size
 
     @property
     def bytes_written(self) -> tuple[int, int] | None:
