@@ -97,7 +97,7 @@ def generate(
         def advance(samples: int, tokens: int, written: tuple[int, int] | None) -> None:
             done = progress.tasks[task].fields["samples"] + samples
             elapsed = max(time.perf_counter() - started, 1e-9)
-            rate = f"{progress.tasks[task].completed / elapsed:,.0f} tok/s {done / elapsed:,.1f} smp/s"
+            rate = f"{(progress.tasks[task].completed + tokens) / elapsed:,.0f} tok/s {done / elapsed:,.1f} smp/s"
             if written and written[1]:
                 rate += f" {written[1] / 2**20:,.1f} MiB {written[0] / written[1]:.2f}x"
             progress.update(task, advance=tokens, samples=done, rate=rate)
