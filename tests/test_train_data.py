@@ -235,7 +235,7 @@ def test_fp8_device_decode_equals_reader_decode(stores):
     host = next(iter(loader))
     assert host["aux"].dtype == torch.uint8 and host["aux_scale"].dtype == torch.float32
     assert host["last"].dtype == torch.uint8 and host["last_scale"].shape == host["last"].shape[:2]
-    batch = to_device(host, "cpu")  # dequantized "on the device" (CPU here; same code on CUDA)
+    batch = to_device(host, "cpu", loader.codecs)  # dequantized "on the device" (CPU here; same code on CUDA)
     assert "aux_scale" not in batch and batch["aux"].dtype == torch.bfloat16
     ref = StoreReader(stores["fp8"], decode=True)
     for r, row in enumerate(batch["sample_indices"]):
@@ -306,7 +306,7 @@ def test_eval_split_errors_and_eval_store(stores, tmp_path):
 @pytest.mark.parametrize("kind", ["gaussian", "uniform"])
 def test_noise_has_requested_std_and_leaves_ids(stores, kind):
     loader = build_loader(stores["raw"], max_tokens=MAX_TOKENS, rows_per_batch=4, num_workers=0)
-    clean = to_device(next(iter(loader)), "cpu")
+    clean = to_device(next(iter(loader)), "cpu", loader.codecs)
     noisy = add_noise(clean, NoiseConfig(kind, 0.2), generator=torch.Generator().manual_seed(0))
     real = clean["seq_ids"] >= 0
     diff = (noisy["aux"].float() - clean["aux"].float())[real]

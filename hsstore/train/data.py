@@ -24,8 +24,8 @@ from ..reader import StoreReader
 class SampleDataset(Dataset):
     """dataset[i] = store sample i (global index) as the reader returns it, truncated to max_tokens.
 
-    decode=False leaves fp8 arrays as e4m3 payload + "<role>_scale" so the device dequantizes them
-    (`loader.to_device`); lossless codecs return bf16 either way.
+    decode=False leaves quantized roles (fp8, mxfp4, mxfp6) as their stored arrays, payload "<role>" +
+    "<role>_scale", so the device decodes them (`loader.to_device`); lossless codecs return bf16 either way.
     """
 
     def __init__(self, location: str, *, decode: bool = False, max_tokens: int | None = None) -> None:
@@ -48,7 +48,7 @@ class SampleDataset(Dataset):
 
     @property
     def hidden_dtype(self) -> torch.dtype:
-        """Logical dtype of the hidden states (what fp8 payloads dequantize to)."""
+        """Logical dtype of the hidden states (what quantized payloads decode to)."""
         return dtypes.torch_dtype(self.reader.manifest.hidden[0].logical_dtype)
 
     def __len__(self) -> int:
@@ -91,7 +91,7 @@ class NoiseConfig:
 def add_noise(batch: dict[str, Any], noise: NoiseConfig, *, generator: torch.Generator | None = None) -> dict[str, Any]:
     """A copy of the batch with noise added to the noised roles on their device; padding stays zero.
 
-    Call after `to_device` (fp8 payloads must be dequantized first); ids, masks and positions are untouched.
+    Call after `to_device` (quantized payloads must be decoded first); ids, masks and positions are untouched.
     """
     if not noise.active:
         return batch
@@ -100,7 +100,9 @@ def add_noise(batch: dict[str, Any], noise: NoiseConfig, *, generator: torch.Gen
     for role in noise.roles:
         x = batch[role]
         if not x.is_floating_point():
-            raise ValueError(f"{role} is still an fp8 payload ({x.dtype}); add noise after to_device")
+            raise ValueError(
+                f"{role} is still a quantized {x.dtype} payload (fp8 payload or mx codes); add noise after to_device"
+            )
         shape, dev = x.shape, x.device
         if noise.kind == "gaussian":
             z = torch.randn(shape, device=dev, generator=generator) * noise.std

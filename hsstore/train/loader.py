@@ -1,4 +1,4 @@
-"""The training DataLoader: worker processes read and pack batches ahead; the device decodes fp8.
+"""The training DataLoader: worker processes read and pack batches ahead; the device decodes quantized roles.
 
 `TrainLoader` wraps a torch DataLoader whose sampler is a `PackedBatchSampler`: each DataLoader item
 is one whole packed batch (batch_size=None), read and collated in a worker. Workers run ahead of the
@@ -17,12 +17,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..codecs import dequantize_fp8
+from ..codecs import HiddenCodec, get_codec
+from ..manifest import Manifest
 from .data import NoiseConfig, SampleDataset, add_noise
 from .packing import pack_batch
 from .sampler import Batch, PackedBatchSampler
 
-SCALE_SUFFIX = "_scale"
+RoleCodecs = Mapping[str, tuple[HiddenCodec, str]]  # role -> (its codec, its logical dtype name)
 
 
 class _BatchReader(Dataset):
@@ -50,15 +51,28 @@ def collate_packed(
     return pack_batch(rows, batch, max_tokens, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
-def to_device(
-    batch: Mapping[str, Any], device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16
-) -> dict[str, Any]:
-    """Moves every tensor to `device`; fp8 payloads ("<role>" + "<role>_scale") are dequantized there."""
+def role_codecs(manifest: Manifest) -> dict[str, tuple[HiddenCodec, str]]:
+    """Every hidden role's codec and logical dtype, as `to_device` needs them to decode on the device."""
+    return {spec.role: (get_codec(spec.codec), spec.logical_dtype) for spec in manifest.hidden}
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device | str, codecs: RoleCodecs) -> dict[str, Any]:
+    """Moves every tensor to `device`, then decodes there each role still in its stored form.
+
+    A reader with decode=False hands a quantized role out as "<role>" + "<role><suffix>" (e.g. fp8 or
+    mxfp4 payload + "<role>_scale"); the role's codec turns them into one "<role>" tensor of its logical
+    dtype on the device, so only the compact bytes cross PCIe. Roles already decoded pass through.
+    """
     device = torch.device(device)
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    for key in [k for k in out if k.endswith(SCALE_SUFFIX)]:
-        role = key[: -len(SCALE_SUFFIX)]
-        out[role] = dequantize_fp8(out[role], out.pop(key), dtype)
+    for role, (codec, logical) in codecs.items():
+        extra = [role + suffix for suffix in codec.suffixes if suffix]
+        if codec.lossless or not any(k in out for k in extra):
+            continue
+        missing = [k for k in (role, *extra) if k not in out]
+        if missing:
+            raise ValueError(f"{role!r} is only partly in the batch (missing {missing}); it cannot be decoded")
+        out[role] = codec.decode({suffix: out.pop(role + suffix) for suffix in codec.suffixes}, logical)
     return out
 
 
@@ -82,6 +96,8 @@ class TrainLoader:
         self.sampler = sampler
         self.noise = noise or NoiseConfig()
         self.hidden_dtype = dataset.hidden_dtype
+        # other datasets (the benchmarks' .pt baselines) hand out decoded tensors: nothing to decode
+        self.codecs = role_codecs(dataset.reader.manifest) if isinstance(dataset, SampleDataset) else {}
         self.epoch, self.position = sampler.epoch, sampler.position
         collate = partial(
             collate_packed, max_tokens=sampler.max_tokens, pad_id=pad_id, pad_to_multiple_of=pad_to_multiple_of
@@ -117,8 +133,8 @@ class TrainLoader:
     def to_device(
         self, batch: Mapping[str, Any], device: torch.device | str, *, generator: torch.Generator | None = None
     ) -> dict[str, Any]:
-        """Batch on the device, fp8 dequantized there, noise augmentation applied."""
-        return add_noise(to_device(batch, device, dtype=self.hidden_dtype), self.noise, generator=generator)
+        """Batch on the device, quantized roles decoded there, noise augmentation applied."""
+        return add_noise(to_device(batch, device, self.codecs), self.noise, generator=generator)
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.sampler.state_dict(), "epoch": self.epoch, "position": self.position}
@@ -150,8 +166,9 @@ def build_loader(
 ) -> TrainLoader:
     """A TrainLoader over `indices` of the store at `location` (e.g. `split_store(...).train`).
 
-    Start-up reads only the store's index. device_decode=True ships fp8 bytes + scales to the device
-    (less host work and PCIe traffic); False decodes fp8 on the host in the workers.
+    Start-up reads only the store's index. device_decode=True ships quantized codecs' bytes + scales
+    (fp8, mxfp4, mxfp6) to the device (less host work and PCIe traffic); False decodes them on the host
+    in the workers.
     """
     dataset = SampleDataset(location, decode=not device_decode, max_tokens=max_tokens)
     sampler = PackedBatchSampler(

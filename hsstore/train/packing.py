@@ -111,7 +111,7 @@ def pack_batch(
     """Samples grouped by row -> the packed batch contract.
 
     input_ids long [B, T], loss_mask bool [B, T], one [B, T, ...] tensor per hidden array (its stored
-    dtype: bf16, or fp8 payload + float32 scale when decoding is left to the device), position_ids
+    dtype: bf16, or a quantized codec's payload + scales when decoding is left to the device), position_ids
     long [B, T] restarting at 0 per sample, seq_ids long [B, T] = sample number within the row (-1 on
     padding), sample_indices (global store indices per row). Samples over max_tokens keep their head.
     """
