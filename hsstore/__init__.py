@@ -14,7 +14,16 @@ from .errors import (
     SampleError,
     StoreExistsError,
 )
-from .manifest import FORMAT_VERSION, Geometry, HiddenSpec, Manifest, SourceInfo, TargetInfo, TokenizerInfo
+from .manifest import (
+    FORMAT_VERSION,
+    Geometry,
+    HiddenSpec,
+    Manifest,
+    SourceInfo,
+    TargetInfo,
+    TeacherSpec,
+    TokenizerInfo,
+)
 from .reader import StoreReader
 from .writer import StoreWriter
 
@@ -33,5 +42,6 @@ __all__ = [
     "StoreReader",
     "StoreWriter",
     "TargetInfo",
+    "TeacherSpec",
     "TokenizerInfo",
 ]

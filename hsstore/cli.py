@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -40,8 +41,9 @@ def inspect(
     top_k: Annotated[int, typer.Option(help="How many of the most frequent loss tokens to list.")] = 10,
 ) -> None:
     """Manifest, sizes, compression ratio, bytes/token, token frequencies, and a sample."""
+    from . import layout
     from .reader import StoreReader
-    from .summary import array_sizes, file_sizes, top_tokens
+    from .summary import array_sizes, file_sizes, teacher_description, top_tokens
 
     reader = StoreReader(store)
     m = reader.manifest
@@ -54,7 +56,12 @@ def inspect(
         f"{m.target.name_or_path} (hidden {m.target.hidden_size}, {m.target.num_layers} layers, "
         f"vocab {m.target.vocab_size}, {m.target.dtype})",
     )
-    head.add_row("layers", ", ".join(f"{h.role}={list(h.layer_ids)} [{h.codec}]" for h in m.hidden))
+    layers = [f"{h.role}={list(h.layer_ids)} [{h.codec}]" for h in m.hidden]
+    if m.teacher is not None:
+        layers.append(f"teacher={[m.teacher.layer_id]} [{m.teacher.kind} k={m.teacher.k}]")
+    head.add_row("layers", escape(", ".join(layers)))  # escaped: "[lossless]" is not rich markup
+    if m.teacher is not None:
+        head.add_row("teacher", escape(teacher_description(m)))
     head.add_row("convention", m.layer_convention)
     head.add_row(
         "geometry",
@@ -95,6 +102,13 @@ def inspect(
         f"{total_stored / tokens:,.1f}",
     )
     console.print(table)
+    if m.teacher is not None and "last" not in m.roles:
+        own = reader.num_tokens * layout.teacher_own_row_bytes(m.teacher)
+        console.print(
+            f"teacher: logical size = the last layer it replaces ([T, {m.target.hidden_size}] "
+            f"{m.hidden[0].logical_dtype}); its own [T, {m.teacher.k}] arrays are {_human(own)} uncompressed",
+            markup=False,
+        )
     console.print(f"{len(files):,} files on disk")
 
     freq = reader.token_freq()

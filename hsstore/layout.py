@@ -6,6 +6,7 @@ parts/part-00000/            one group per data-parallel writer (rank)
     input_ids   [T] int32    tokens of every sample, concatenated
     loss_mask   [T] uint8
     hidden/<role>[_scale]    [T, L, H] or [T, H]; fp8 adds per-token scales
+    teacher/{ids,logprobs}   [T, k]   top-k teacher (manifest.teacher): ids and log-probs, zeros off teacher positions
     samples/{offset,length,loss_tokens,source,sample_id,content_hash}   [N]
     token_freq  [V] int64    loss-masked target-token counts of this part
 """
@@ -19,14 +20,18 @@ import numpy as np
 from zarr.codecs import BloscCodec
 
 from .codecs import MIN_BLOSC_CHUNK_BYTES, StoredArray, get_codec, small_compressors
+from .dtypes import torch_dtype
 from .errors import IncompatibleStoreError
-from .manifest import Manifest
+from .manifest import Manifest, TeacherSpec
 
 PARTS_GROUP = "parts"
 COMMIT_KEY = "commit"
 TOKEN_FREQ = "token_freq"
 SAMPLES_GROUP = "samples"
 SAMPLE_CHUNK = 65536
+TEACHER_GROUP = "teacher"
+TEACHER_IDS = f"{TEACHER_GROUP}/ids"
+TEACHER_LOGPROBS = f"{TEACHER_GROUP}/logprobs"
 
 # name -> dtype of the per-sample index table
 SAMPLE_FIELDS: dict[str, Any] = {
@@ -45,7 +50,7 @@ class TokenArray:
 
     name: str
     stored: StoredArray
-    role: str | None = None  # None for input_ids / loss_mask
+    role: str | None = None  # the hidden role; None for input_ids, loss_mask and the teacher arrays
 
 
 def part_name(rank: int) -> str:
@@ -75,7 +80,38 @@ def token_arrays(manifest: Manifest) -> list[TokenArray]:
         codec = get_codec(spec.codec)
         for stored in codec.stored_arrays(spec.per_token_shape, spec.logical_dtype):
             out.append(TokenArray(hidden_array_name(spec.role, stored.suffix), stored, spec.role))
+    if manifest.teacher is not None:
+        out.extend(teacher_arrays(manifest.teacher))
     return out
+
+
+def teacher_arrays(spec: TeacherSpec) -> list[TokenArray]:
+    """The top-k teacher's [T, k] ids and log-probs: mostly zero rows, so plain zstd (never blosc) suits them."""
+    return [
+        TokenArray(TEACHER_IDS, StoredArray("", (spec.k,), np.dtype(spec.ids_dtype), small_compressors())),
+        TokenArray(TEACHER_LOGPROBS, StoredArray("", (spec.k,), np.dtype(spec.logprob_dtype), small_compressors())),
+    ]
+
+
+def teacher_own_row_bytes(spec: TeacherSpec) -> int:
+    """Uncompressed bytes of one token's teacher rows (ids + log-probs)."""
+    return spec.k * (np.dtype(spec.ids_dtype).itemsize + np.dtype(spec.logprob_dtype).itemsize)
+
+
+def teacher_logical_row_bytes(manifest: Manifest) -> int:
+    """Uncompressed bytes per token the teacher arrays stand for, for compression ratios.
+
+    A top-k teacher replaces the last layer, so without a `last` role it counts as the last layer it
+    stands in for (H values at the store's logical dtype): ratios then compare with a store that keeps
+    the last layer, not with the mostly-zero [T, k] arrays. Beside a `last` role it replaces nothing and
+    counts its own bytes."""
+    t = manifest.teacher
+    if t is None:
+        return 0
+    if "last" in manifest.roles:
+        return teacher_own_row_bytes(t)
+    dtype = manifest.hidden[0].logical_dtype if manifest.hidden else manifest.target.dtype
+    return manifest.target.hidden_size * torch_dtype(dtype).itemsize
 
 
 def check_chunk_sizes(manifest: Manifest) -> None:

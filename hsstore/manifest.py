@@ -60,6 +60,39 @@ class HiddenSpec:
         return (len(self.layer_ids), self.hidden_size)
 
 
+TEACHER_KINDS = ("topk",)
+TOPK_LOGPROB_DTYPES = ("float16", "float32")
+TOPK_IDS_DTYPES = ("uint16", "int32")
+TOPK_LOGPROB_FLOOR = -60.0  # log-probs below are stored as this: finite in fp16, exp() ~ 1e-26 is nothing
+
+
+def topk_ids_dtype(vocab_size: int) -> str:
+    """The narrowest stored dtype that holds every target token id."""
+    return "uint16" if vocab_size <= 65536 else "int32"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """The target's next-token distribution, stored instead of (or beside) the `last` hidden role.
+
+    kind "topk": per token j, the k largest log-probs of the target's full-vocab log-softmax at j and their
+    token ids, sorted descending, only where j is a teacher position (token j + 1 is in the loss mask and
+    in the same sample); other rows are zeros. Computed from layer `layer_id` (N: the last layer) through
+    the target's final norm and lm_head; log-probs are clamped to `logprob_floor` so fp16 stays finite.
+    """
+
+    k: int
+    layer_id: int
+    kind: str = "topk"
+    ids_dtype: str = "uint16"
+    logprob_dtype: str = "float16"
+    logprob_floor: float = TOPK_LOGPROB_FLOOR
+
+    @classmethod
+    def topk(cls, k: int, layer_id: int, vocab_size: int, logprob_dtype: str = "float16") -> TeacherSpec:
+        return cls(k=k, layer_id=layer_id, ids_dtype=topk_ids_dtype(vocab_size), logprob_dtype=logprob_dtype)
+
+
 @dataclass(frozen=True)
 class TokenizerInfo:
     name_or_path: str | None = None
@@ -104,6 +137,7 @@ class Manifest:
     library_versions: dict[str, str] = field(default_factory=lambda: library_versions())
     command: str = field(default_factory=lambda: " ".join(sys.argv))
     extra: dict[str, Any] = field(default_factory=dict)
+    teacher: TeacherSpec | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +166,30 @@ class Manifest:
                 )
         if self.num_parts < 1:
             raise IncompatibleStoreError(f"num_parts must be >= 1, got {self.num_parts}")
+        if self.teacher is not None:
+            self._validate_teacher(self.teacher)
+
+    def _validate_teacher(self, t: TeacherSpec) -> None:
+        vocab = self.target.vocab_size
+        if t.kind not in TEACHER_KINDS:
+            raise IncompatibleStoreError(f"teacher: unknown kind {t.kind!r} (known: {list(TEACHER_KINDS)})")
+        if not 1 <= t.k <= vocab:
+            raise IncompatibleStoreError(f"teacher: k = {t.k} must be within 1..{vocab} (the target vocab)")
+        if not 0 <= t.layer_id <= self.target.num_layers:
+            raise IncompatibleStoreError(
+                f"teacher: layer id {t.layer_id} must be within 0..{self.target.num_layers} ({LAYER_CONVENTION})"
+            )
+        if t.logprob_dtype not in TOPK_LOGPROB_DTYPES:
+            raise IncompatibleStoreError(
+                f"teacher: log-prob dtype {t.logprob_dtype!r} not one of {list(TOPK_LOGPROB_DTYPES)}"
+            )
+        if t.ids_dtype not in TOPK_IDS_DTYPES or (t.ids_dtype == "uint16" and vocab > 65536):
+            raise IncompatibleStoreError(
+                f"teacher: ids dtype {t.ids_dtype!r} cannot hold the ids of a {vocab}-token vocab "
+                f"(use {topk_ids_dtype(vocab)!r})"
+            )
+        if not t.logprob_floor < 0 or t.logprob_floor < -60000.0:  # fp16 holds down to -65504
+            raise IncompatibleStoreError(f"teacher: log-prob floor {t.logprob_floor} must be in [-60000, 0)")
 
     def hidden_spec(self, role: str) -> HiddenSpec:
         for h in self.hidden:
@@ -153,6 +211,7 @@ class Manifest:
             "num_parts": self.num_parts,
             "tokenizer": asdict(self.tokenizer),
             "max_seq_length": self.max_seq_length,
+            "teacher": asdict(self.teacher) if self.teacher is not None else None,
         }
 
     def check_same_content(self, other: Manifest, where: str) -> None:
@@ -168,6 +227,8 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["format"] = FORMAT_NAME
+        if d["teacher"] is None:  # stores without a teacher keep exactly the fields they always had
+            del d["teacher"]
         return _jsonable(d)
 
     @classmethod
@@ -187,6 +248,8 @@ class Manifest:
             kwargs["geometry"] = Geometry(**d.get("geometry", {}))
             kwargs["tokenizer"] = TokenizerInfo(**d.get("tokenizer", {}))
             kwargs["sources"] = tuple(SourceInfo(**s) for s in d.get("sources", ()))
+            if d.get("teacher") is not None:
+                kwargs["teacher"] = TeacherSpec(**d["teacher"])
             return cls(**kwargs)
         except (KeyError, TypeError) as e:
             raise IncompatibleStoreError(f"{where} has a malformed manifest ({type(e).__name__}: {e})") from e

@@ -255,7 +255,8 @@ class StoreReader:
         return self.read_rows(part, start, start + length)
 
     def read_rows(self, part: int, start: int, stop: int) -> dict[str, torch.Tensor]:
-        """Rows start:stop of one part: input_ids, loss_mask and one tensor per hidden role."""
+        """Rows start:stop of one part: input_ids, loss_mask, one tensor per hidden role and, for a store
+        with a top-k teacher, teacher_ids [n, k] int32 and teacher_logprobs [n, k] (float16 as stored)."""
         p = self.parts[part]
         out: dict[str, torch.Tensor] = {
             "input_ids": torch.from_numpy(p.read("input_ids", start, stop)),
@@ -275,7 +276,17 @@ class StoreReader:
             else:
                 for suffix, t in stored.items():
                     out[spec.role + suffix] = t
+        if self.manifest.teacher is not None:
+            out.update(self._teacher_rows(p, start, stop))
         return out
+
+    def _teacher_rows(self, p: PartReader, start: int, stop: int) -> dict[str, torch.Tensor]:
+        """teacher_ids int32 (uint16 ids widened: torch indexes with signed ints) and teacher_logprobs as stored."""
+        ids = p.read(layout.TEACHER_IDS, start, stop)
+        return {
+            "teacher_ids": torch.from_numpy(ids.astype(np.int32, copy=False)),
+            "teacher_logprobs": torch.from_numpy(p.read(layout.TEACHER_LOGPROBS, start, stop)),
+        }
 
     def get_batch(self, ids: Sequence[int], threads: int = 1) -> list[dict[str, torch.Tensor]]:
         """Many samples; `threads` > 1 overlaps decompression (blosc and zstd release the GIL)."""

@@ -35,6 +35,7 @@ from .shardfile import chunk_encoder, encode_shard
 from .storage import local_path, open_store
 
 MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
+TeacherRows = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]  # (log-probs [n, k], ids [n, k])
 
 
 @dataclass
@@ -167,6 +168,9 @@ class StoreWriter:
         part.create_array(layout.TOKEN_FREQ, shape=(self._vocab,), dtype="int64", chunks=(self._vocab,), fill_value=0)
 
     def _array_attrs(self, a: TokenArray) -> dict:
+        t = self.manifest.teacher
+        if t is not None and a.name in (layout.TEACHER_IDS, layout.TEACHER_LOGPROBS):
+            return {"teacher": t.kind, "k": t.k, "layer_ids": [t.layer_id]}
         if a.role is None:
             return {}
         spec = self.manifest.hidden_spec(a.role)
@@ -250,8 +254,13 @@ class StoreWriter:
         *,
         sample_id: str | None = None,
         source: str = "",
+        teacher: TeacherRows | None = None,
     ) -> None:
-        """Buffer one sample; full shards go to the background writer."""
+        """Buffer one sample; full shards go to the background writer.
+
+        `teacher` = (log-probs [n, k] float, ids [n, k] int), required iff the manifest declares a top-k
+        teacher: row j is the target's top-k at position j, sorted descending. Only teacher positions
+        (loss_mask[j + 1] == 1) are stored; other rows are written as zeros, whatever they hold."""
         self._raise_background_error()
         if self._failed is not None:
             raise HSStoreError(
@@ -263,6 +272,7 @@ class StoreWriter:
         ids, mask = self._check_tokens(input_ids, loss_mask, sid)
         encoded = {"input_ids": ids, "loss_mask": mask}
         encoded.update(self._encode_hidden(hidden, len(ids), sid))
+        encoded.update(self._encode_teacher(teacher, mask, sid))
         for name, rows in encoded.items():
             self._buffer[name].append(rows)
         self._buffered_rows += len(ids)
@@ -361,6 +371,47 @@ class StoreWriter:
             for suffix, rows in encoded.items():
                 out[layout.hidden_array_name(spec.role, suffix)] = rows
         return out
+
+    def _encode_teacher(self, teacher: TeacherRows | None, mask: np.ndarray, sid: str) -> dict[str, np.ndarray]:
+        """Checked, floored and cast top-k rows, zeroed off the teacher positions."""
+        spec = self.manifest.teacher
+        where = f"{self.location}: sample {sid!r}"
+        if spec is None:
+            if teacher is not None:
+                raise SampleError(f"{where}: a teacher was passed but the store's manifest declares none")
+            return {}
+        if teacher is None:
+            raise SampleError(
+                f"{where}: the store keeps a top-{spec.k} teacher and none was passed; "
+                f"pass teacher=(logprobs [n, {spec.k}], ids [n, {spec.k}])"
+            )
+        if not isinstance(teacher, tuple | list) or len(teacher) != 2:
+            raise SampleError(f"{where}: teacher must be a pair (logprobs, ids), got {type(teacher).__name__}")
+        logprobs, ids = (_as_numpy(x) for x in teacher)
+        n, k = len(mask), spec.k
+        for name, arr in (("logprobs", logprobs), ("ids", ids)):
+            if arr.shape != (n, k):
+                raise SampleError(f"{where}: teacher {name} has shape {arr.shape}, expected {(n, k)} (tokens, k)")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise SampleError(f"{where}: teacher ids must be integers, got {ids.dtype}")
+        if not np.issubdtype(logprobs.dtype, np.floating):
+            raise SampleError(f"{where}: teacher logprobs must be floating point, got {logprobs.dtype}")
+        rows = teacher_positions(mask)
+        ids, logprobs = ids[rows], logprobs[rows].astype(np.float32)
+        if ids.size and (ids.min() < 0 or ids.max() >= self._vocab):
+            bad = int(ids.max() if ids.max() >= self._vocab else ids.min())
+            raise SampleError(f"{where}: teacher token id {bad} is outside the target vocab 0..{self._vocab - 1}")
+        if np.isnan(logprobs).any() or (logprobs > 1e-3).any():  # -inf is a log-prob (of 0); the floor takes it
+            raise SampleError(f"{where}: teacher logprobs must be log-probabilities (<= 0, no NaN/+inf)")
+        stored_lp = np.clip(logprobs, spec.logprob_floor, 0.0).astype(spec.logprob_dtype)
+        if (np.diff(stored_lp.astype(np.float32), axis=1) > 0).any():
+            raise SampleError(f"{where}: teacher rows must be sorted by log-prob, largest first (as torch.topk gives)")
+        if k > 1 and (np.diff(np.sort(ids, axis=1), axis=1) == 0).any():
+            raise SampleError(f"{where}: a teacher row repeats a token id")
+        out_ids = np.zeros((n, k), dtype=spec.ids_dtype)
+        out_lp = np.zeros((n, k), dtype=spec.logprob_dtype)
+        out_ids[rows], out_lp[rows] = ids, stored_lp
+        return {layout.TEACHER_IDS: out_ids, layout.TEACHER_LOGPROBS: out_lp}
 
     def _source_index(self, source: str) -> int:
         names = self.commit.source_names
@@ -466,7 +517,7 @@ class StoreWriter:
         hidden = sum(
             int(np.prod(h.per_token_shape)) * torch_dtype(h.logical_dtype).itemsize for h in self.manifest.hidden
         )
-        return 4 + 1 + hidden
+        return 4 + 1 + hidden + layout.teacher_logical_row_bytes(self.manifest)
 
     @property
     def bytes_written(self) -> tuple[int, int] | None:
@@ -547,6 +598,15 @@ def _split_pieces(pieces: list[np.ndarray], n: int) -> tuple[list[np.ndarray], l
             head.append(piece[:n])
             return head, [piece[n:], *pieces[i + 1 :]]
     return head, []
+
+
+def teacher_positions(loss_mask: np.ndarray) -> np.ndarray:
+    """Rows j of one sample whose next token is trained on (loss_mask[j + 1] == 1): where a teacher is needed.
+
+    The sample's last token never is one (its next token is not in the sample)."""
+    rows = np.zeros(len(loss_mask), dtype=bool)
+    rows[:-1] = np.asarray(loss_mask[1:]).astype(bool)
+    return rows
 
 
 def content_hash(ids: np.ndarray, mask: np.ndarray) -> int:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .pipeline import DEFAULT_TOPK
 from .regenerate_cli import regenerate
 
 console = Console()
@@ -47,8 +48,18 @@ def generate(
     dtype: Annotated[str, typer.Option(help="Target dtype and stored logical dtype.")] = "bfloat16",
     cache_dir: Annotated[str | None, typer.Option(help="Tokenized-dataset cache directory.")] = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first bad sample instead of skipping it.")] = False,
+    teacher: Annotated[
+        Literal["last", "topk", "both"],
+        typer.Option(
+            help="What the draft's teacher reads: the last layer (H values a token), or the target's top-k "
+            "next-token log-probs at loss positions instead (topk: --topk ids + log-probs), or both."
+        ),
+    ] = "last",
+    topk: Annotated[
+        int, typer.Option(help="k of --teacher topk/both: tokens kept per teacher position.")
+    ] = DEFAULT_TOPK,
 ) -> None:
-    """Chat data -> tokens and loss masks -> target hidden states -> a store."""
+    """Chat data -> tokens and loss masks -> target hidden states (or the target's top-k teacher) -> a store."""
     import datasets
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -87,6 +98,9 @@ def generate(
         overwrite=overwrite,
         batch_tokens=batch_tokens,
         max_seq_length=seq_length,
+        teacher=teacher,
+        topk=topk,
+        device=device,
     )
     manifest = build_manifest(runner, model, settings, loaded.tokenizer_info, loaded.sources, dtype=dtype)
     total_tokens = sum(len(s.input_ids) for s in loaded.samples[shard_index::num_shards])
@@ -104,10 +118,16 @@ def generate(
 
         stats = run_generate(runner, manifest, loaded.samples, settings, on_progress=advance)
     overhead = stats.write_seconds / max(stats.wall_seconds, 1e-9)
+    teacher_share = (
+        f", top-{topk} teacher {stats.teacher_seconds / max(stats.wall_seconds, 1e-9):.1%}"
+        if manifest.teacher is not None
+        else ""
+    )
     console.print(
         f"wrote {stats.samples:,} samples / {stats.tokens:,} tokens to {out} "
         f"({stats.skipped_resume:,} already there) in {stats.wall_seconds:.1f}s: "
         f"{stats.tokens / max(stats.wall_seconds, 1e-9):,.0f} tok/s; writer share of wall time {overhead:.1%}"
+        f"{teacher_share}"
     )
     loaded.report(console)
 

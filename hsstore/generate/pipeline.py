@@ -3,6 +3,9 @@
 Write order is deterministic (rank's share of the dataset, sorted by length within fixed windows so
 batches pad little), so a resumed run skips exactly the samples its part has committed and checks
 the last one's content hash to catch inputs that changed in between.
+
+The teacher is the last layer (`last` role) or the target's top-k distribution computed from it
+(`--teacher topk`, see `head.py`), or both: the backend captures layer N either way.
 """
 
 from __future__ import annotations
@@ -13,17 +16,26 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from ..errors import HSStoreError, IncompatibleStoreError
-from ..manifest import Geometry, HiddenSpec, Manifest, SourceInfo, TargetInfo, TokenizerInfo
+from ..manifest import Geometry, HiddenSpec, Manifest, SourceInfo, TargetInfo, TeacherSpec, TokenizerInfo
 from ..writer import StoreWriter, content_hash
 from .backends import HiddenStateBackend
 from .inputs import TokenizedSample
 from .layers import validate_layer_ids
 
+if TYPE_CHECKING:
+    from .head import TopkHead
+
 SORT_WINDOW = 1024  # samples sorted by length together: little padding, bounded reordering
+TeacherMode = Literal["last", "topk", "both"]
+TEACHER_MODES = ("last", "topk", "both")
+# 16 x (2-byte id + 2-byte log-prob) = 64 bytes per teacher token, ~0.3% of an 8B target's aux layers
+# (3 x 4096 bf16); chat targets put most of their probability on far fewer tokens. A sweep is cheap: --topk.
+DEFAULT_TOPK = 16
 
 
 @dataclass
@@ -32,6 +44,7 @@ class GenerateStats:
     tokens: int = 0
     skipped_resume: int = 0
     forward_seconds: float = 0.0
+    teacher_seconds: float = 0.0  # top-k teacher: final norm + lm_head + top-k on the captured last layer
     write_seconds: float = 0.0
     wall_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -49,6 +62,9 @@ class StoreSettings:
     overwrite: bool = False
     batch_tokens: int = 8192
     max_seq_length: int | None = None
+    teacher: TeacherMode = "last"  # last layer, top-k distribution, or both
+    topk: int = DEFAULT_TOPK
+    device: str = "cpu"  # where the top-k teacher's lm_head runs
 
 
 def build_manifest(
@@ -61,13 +77,21 @@ def build_manifest(
 ) -> Manifest:
     """The manifest a run would write; compared field by field with an existing store's."""
     validate_layer_ids(settings.aux_layer_ids, backend.num_layers)
-    n, h = backend.num_layers, backend.hidden_size
+    n, h, vocab = backend.num_layers, backend.hidden_size, backend.vocab_size
+    if settings.teacher not in TEACHER_MODES:
+        raise HSStoreError(f"--teacher {settings.teacher!r}: choose one of {', '.join(TEACHER_MODES)}")
+    teacher = None
+    if settings.teacher != "last":
+        if not 1 <= settings.topk <= vocab:
+            raise HSStoreError(f"--topk {settings.topk} must be within 1..{vocab} (the target's vocab)")
+        teacher = TeacherSpec.topk(settings.topk, n, vocab)
+    hidden = [HiddenSpec("aux", tuple(settings.aux_layer_ids), h, settings.codec, dtype)]
+    if settings.teacher != "topk":
+        hidden.append(HiddenSpec("last", (n,), h, settings.codec, dtype))
     return Manifest(
-        target=TargetInfo(model, h, n, backend.vocab_size, dtype=dtype, config_hash=config_hash(model)),
-        hidden=(
-            HiddenSpec("aux", tuple(settings.aux_layer_ids), h, settings.codec, dtype),
-            HiddenSpec("last", (n,), h, settings.codec, dtype),
-        ),
+        target=TargetInfo(model, h, n, vocab, dtype=dtype, config_hash=config_hash(model)),
+        hidden=tuple(hidden),
+        teacher=teacher,
         geometry=settings.geometry,
         num_parts=settings.num_shards,
         tokenizer=tokenizer_info,
@@ -137,12 +161,24 @@ def run_generate(
     samples: Sequence[TokenizedSample],
     settings: StoreSettings,
     on_progress: Callable[[int, int, tuple[int, int] | None], None] | None = None,
+    head: TopkHead | None = None,
 ) -> GenerateStats:
-    """Capture hidden states for this rank's samples and append them to its part of the store."""
+    """Capture hidden states for this rank's samples and append them to its part of the store.
+
+    A store with a top-k teacher needs `head` (default: loaded from the manifest's target on settings.device)."""
     stats = GenerateStats()
     t0 = time.perf_counter()
     aux_ids = list(manifest.hidden_spec("aux").layer_ids)
     layer_ids = [*aux_ids, manifest.target.num_layers]
+    if manifest.teacher is not None:
+        if manifest.teacher.layer_id != manifest.target.num_layers:
+            raise HSStoreError(f"the top-k teacher comes from the last layer ({manifest.target.num_layers})")
+        if head is None:
+            from .head import TopkHead
+
+            head = TopkHead.from_target(manifest.target.name_or_path, manifest.teacher.k, device=settings.device)
+        if head.k != manifest.teacher.k:
+            raise HSStoreError(f"the top-k head gives k = {head.k}, the store keeps k = {manifest.teacher.k}")
     ordered = write_order(samples, settings.num_shards, settings.shard_index)
     if not ordered:
         raise HSStoreError(f"no samples for shard {settings.shard_index} of {settings.num_shards}: nothing to do")
@@ -157,16 +193,23 @@ def run_generate(
             f0 = time.perf_counter()
             states = backend.hidden_states([s.input_ids for s in batch], layer_ids)
             f1 = time.perf_counter()
-            for s, h in zip(batch, states, strict=True):
+            roles = [split_roles(h, len(aux_ids)) for h in states]
+            teachers = [None] * len(batch)
+            if head is not None:
+                teachers = head.teachers([r["last"] for r in roles], [s.loss_mask for s in batch])
+            f2 = time.perf_counter()
+            for s, r, t in zip(batch, roles, teachers, strict=True):
                 writer.append(
                     s.input_ids,
                     s.loss_mask,
-                    split_roles(h, len(aux_ids)),
+                    {role: x for role, x in r.items() if role in manifest.roles},
                     sample_id=s.sample_id,
                     source=s.source,
+                    teacher=t,
                 )
             stats.forward_seconds += f1 - f0
-            stats.write_seconds += time.perf_counter() - f1
+            stats.teacher_seconds += f2 - f1
+            stats.write_seconds += time.perf_counter() - f2
             n_tokens = sum(len(s.input_ids) for s in batch)
             stats.samples += len(batch)
             stats.tokens += n_tokens

@@ -27,7 +27,12 @@ def register(app: typer.Typer) -> None:
 
 def train(
     store: Annotated[str, typer.Option(help="Training store (needs a draft vocab: `hsstore vocab`).")],
-    target: Annotated[str, typer.Option(help="Target model dir: its embedding, final norm and lm_head are used.")],
+    target: Annotated[
+        str,
+        typer.Option(
+            help="Target model dir: its embedding, final norm and lm_head (draft init; the last-layer teacher)."
+        ),
+    ],
     out: Annotated[str, typer.Option(help="Run dir: checkpoints/, draft/ (the export), tracker logs.")],
     draft_config: Annotated[
         str | None, typer.Option(help="Draft config JSON/YAML or a bundled name (default: sized from --target).")
@@ -62,6 +67,12 @@ def train(
         Literal["auto", "no", "bf16"],
         typer.Option(help="bf16 autocast with fp32 master weights; auto = the launcher's, else bf16 on GPU."),
     ] = "auto",
+    teacher: Annotated[
+        Literal["auto", "last", "topk"],
+        typer.Option(
+            help="Teacher: the stored top-k (topk), the last layer + target lm_head (last); auto = topk if stored."
+        ),
+    ] = "auto",
 ) -> None:
     """Train an EAGLE-3 draft on a store; checkpoints, resumes exactly, exports for vLLM/SGLang."""
     options = dict(locals())  # every parameter, taken before any other name is bound
@@ -77,12 +88,15 @@ def eval_command(
     max_tokens_per_batch: Annotated[int | None, typer.Option(help="Tokens per batch (default: the run's).")] = None,
     ttt_steps: Annotated[int | None, typer.Option(help="TTT steps to measure (default: the run's).")] = None,
     num_workers: Annotated[int, typer.Option(help="DataLoader workers.")] = 1,
+    teacher: Annotated[
+        Literal["auto", "last", "topk"], typer.Option(help="Teacher: topk, last or auto (topk if the store has it).")
+    ] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
 ) -> None:
     """Loss, per-step accuracy and acceptance, and the estimated acceptance length of a checkpoint."""
     from .trainer import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, store, target, max_tokens_per_batch, ttt_steps, num_workers)
+    result = evaluate_checkpoint(checkpoint, store, target, max_tokens_per_batch, ttt_steps, num_workers, teacher)
     if as_json:
         typer.echo(json.dumps(result.values))
         return

@@ -86,7 +86,7 @@ class DraftConfig:
     ) -> DraftConfig:
         """Sizes from a Llama/Qwen-style target: a model directory, a config dict or a transformers config."""
         if isinstance(target, (str, Path)):
-            from .target import read_target_config
+            from ..targetweights import read_target_config
 
             config = read_target_config(target)
         elif isinstance(target, dict):
@@ -189,9 +189,12 @@ class DraftConfig:
                 )
         try:
             aux = manifest.hidden_spec("aux")
-            manifest.hidden_spec("last")
+            if getattr(manifest, "teacher", None) is None:  # without a stored top-k, the teacher reads `last`
+                manifest.hidden_spec("last")
         except KeyError as e:
-            raise HSStoreError(f"{where}: {e.args[0]}; EAGLE-3 training needs roles 'aux' and 'last'") from None
+            raise HSStoreError(
+                f"{where}: {e.args[0]}; EAGLE-3 training needs role 'aux' and a teacher: role 'last' or a top-k teacher"
+            ) from None
         if len(aux.layer_ids) != NUM_AUX_LAYERS:
             raise HSStoreError(
                 f"{where}: holds {len(aux.layer_ids)} aux layers {list(aux.layer_ids)}; EAGLE-3 needs exactly "

@@ -79,7 +79,7 @@ def llama_layer_config(config: DraftConfig, dtype: torch.dtype) -> dict[str, Any
 def _target_info(target_dir: str | Path | None) -> dict[str, Any]:
     if target_dir is None:
         return {}
-    from .target import read_target_config
+    from ..targetweights import read_target_config
 
     return read_target_config(target_dir)
 

@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Eagle3Draft
-from .teacher import Teacher, TeacherOutput
+from .teacher import Teacher, TeacherOutput, TopkTeacher
 
-BATCH_KEYS = ("input_ids", "loss_mask", "aux", "last", "position_ids", "seq_ids")
+# what every packed batch holds; a teacher module adds its own inputs (`batch_keys`: "last", or the top-k arrays)
+BATCH_KEYS = ("input_ids", "loss_mask", "aux", "position_ids", "seq_ids")
 
 
 @dataclass
@@ -97,19 +98,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 def ttt_loss(
     draft: Eagle3Draft | nn.Module,
     batch: Mapping[str, torch.Tensor],
-    teacher: Teacher | TeacherOutput,
+    teacher: Teacher | TopkTeacher | TeacherOutput,
     ttt_steps: int = 7,
     decay: float = 0.8,
 ) -> tuple[torch.Tensor, StepMetrics]:
     """Unroll `ttt_steps` steps over a packed batch (see BATCH_KEYS); returns the loss and per-step metrics.
 
-    `draft` may be wrapped (DDP, FSDP): it is only called, once."""
-    missing = [k for k in BATCH_KEYS if k not in batch and not (k == "last" and isinstance(teacher, TeacherOutput))]
+    `teacher` is a module that reads its inputs from the batch (`Teacher`: the last layer, `TopkTeacher`:
+    the stored top-k) or a ready `TeacherOutput`. `draft` may be wrapped (DDP, FSDP): it is only called, once."""
+    needed = (*BATCH_KEYS, *getattr(teacher, "batch_keys", ()))
+    missing = [k for k in needed if k not in batch]
     if missing:
-        raise KeyError(f"batch lacks {missing}; a packed batch has {list(BATCH_KEYS)}")
+        raise KeyError(f"batch lacks {missing}; a packed batch for this teacher has {list(needed)}")
     seq_ids = batch["seq_ids"].long()
-    if isinstance(teacher, Teacher):
-        teacher = teacher(batch["last"], batch["loss_mask"], seq_ids)
+    if not isinstance(teacher, TeacherOutput):
+        teacher = teacher.from_batch(batch)
     valid = step_positions(teacher.mask, seq_ids, ttt_steps)
     logits = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps, select=valid)
     d2t = unwrap(draft).d2t

@@ -241,7 +241,7 @@ class Eagle3Draft(nn.Module):
     ) -> Eagle3Draft:
         """A fresh draft with the target's embedding (and, by default, its final norm and lm_head rows of
         the draft vocab as a starting point: the draft then begins by reading its state like the target)."""
-        from .target import load_embed_tokens, load_final_norm, load_lm_head
+        from ..targetweights import load_embed_tokens, load_final_norm, load_lm_head
 
         draft = cls(config, d2t, t2d, embed=load_embed_tokens(target_dir))
         with torch.no_grad():

@@ -2,11 +2,13 @@
 
 Read top to bottom like a torchtune recipe. `check_inputs` does every check that can fail on user
 input (store roles, draft vocab, draft config vs store, target lm_head, eval split, tracker) before
-a process group exists, so a bad flag costs seconds, not a failed job. `TrainRecipe` then runs the
+a process group exists, so a bad flag costs seconds, not a failed job. The teacher is the target's
+norm + lm_head over the stored last layer, or, for a store written with `--teacher topk`, the stored
+top-k distribution (`TopkTeacher`: no lm_head is loaded for it). `TrainRecipe` then runs the
 same code single-process, under DDP or FSDP, as `accelerate launch` sets it up:
 
-- the draft is the only prepared module; the teacher (target norm + lm_head rows) is a frozen buffer
-  module on every rank, never wrapped or sharded;
+- the draft is the only prepared module; the teacher (target norm + lm_head rows, or the draft-vocab
+  map of a top-k teacher) is a frozen buffer module on every rank, never wrapped or sharded;
 - the TrainLoader's sampler already shards batches by rank, so the DataLoader is not prepared;
 - AdamW over the trainable parameters (the embedding is frozen), warmup + cosine, grad clipping,
   gradient accumulation through `accelerator.accumulate`; fp32 master weights, bf16 autocast if asked;
@@ -33,13 +35,14 @@ from .config import DraftConfig
 from .loss import StepMetrics, ttt_loss
 from .model import Eagle3Draft
 from .split import Split
-from .teacher import Teacher
+from .teacher import Teacher, TopkTeacher
 
 console = Console(soft_wrap=True)  # one line per log entry, however narrow the terminal
 
 ReportTo = Literal["none", "tensorboard", "wandb", "trackio"]
 MixedPrecision = Literal["auto", "no", "bf16"]
 ExportFormat = Literal["vllm", "speculators"]
+TeacherChoice = Literal["auto", "last", "topk"]
 TRACKER_PROJECT = "hsstore-train"
 METRICS_FILE = "metrics.jsonl"  # every logged entry, also without a tracker
 
@@ -75,6 +78,7 @@ class TrainSettings:
     report_to: ReportTo = "none"
     export_format: ExportFormat = "vllm"
     mixed_precision: MixedPrecision = "auto"
+    teacher: TeacherChoice = "auto"
 
     def __post_init__(self) -> None:
         positive = ("max_tokens_per_batch", "epochs", "grad_accum", "ttt_steps", "log_every", "max_steps")
@@ -105,21 +109,51 @@ class RunInputs:
     d2t: torch.Tensor
     t2d: torch.Tensor
     split: Split
-    teacher: Teacher
+    teacher: Teacher | TopkTeacher
     resume_from: Path | None
 
 
-def require_training_roles(reader: Any) -> None:
-    """EAGLE-3 reads the aux layers; the teacher reads the last layer."""
-    roles = reader.manifest.roles
-    for role, why in (("aux", "the draft's input features"), ("last", "the target's last layer, the teacher's input")):
-        if role not in roles:
-            raise HSStoreError(
-                f"{reader.location} has hidden roles {roles}, no {role!r} ({why}); regenerate it with "
-                "`hsstore generate`, which stores both"
-            )
+def teacher_kind(manifest: Any, choice: str = "auto") -> str:
+    """Which teacher a store trains with: "topk" if it keeps one (unless --teacher last), else "last"."""
+    if choice not in ("auto", "last", "topk"):
+        raise HSStoreError(f"--teacher {choice!r}: choose auto, last or topk")
+    if choice == "auto":
+        return "topk" if manifest.teacher is not None else "last"
+    return choice
+
+
+def require_training_roles(reader: Any, teacher: str = "auto") -> None:
+    """EAGLE-3 reads the aux layers; the teacher reads the last layer or the stored top-k."""
+    m = reader.manifest
+    roles = m.roles
+    if "aux" not in roles:
+        raise HSStoreError(
+            f"{reader.location} has hidden roles {roles}, no 'aux' (the draft's input features); regenerate it "
+            "with `hsstore generate`"
+        )
+    kind = teacher_kind(m, teacher)
+    if kind == "last" and "last" not in roles:
+        held = " (it keeps a top-k teacher: train with --teacher topk or auto)" if m.teacher is not None else ""
+        raise HSStoreError(
+            f"{reader.location} has hidden roles {roles}, no 'last' (the target's last layer, the teacher's "
+            f"input){held}; regenerate it with `hsstore generate --teacher last` (or --teacher topk)"
+        )
+    if kind == "topk" and m.teacher is None:
+        raise HSStoreError(
+            f"{reader.location} keeps no top-k teacher; train with --teacher last, or regenerate it with "
+            "`hsstore generate --teacher topk`"
+        )
     if not len(reader):
         raise HSStoreError(f"{reader.location} holds no committed samples")
+
+
+def build_teacher(
+    manifest: Any, choice: str, target: str, d2t: torch.Tensor, t2d: torch.Tensor
+) -> Teacher | TopkTeacher:
+    """The teacher module for a store: a top-k one needs only the draft-vocab maps, not the target's lm_head."""
+    if teacher_kind(manifest, choice) == "topk":
+        return TopkTeacher(d2t, t2d)
+    return Teacher.from_target(target, d2t, t2d)  # refuses an lm_head of another vocab
 
 
 def load_draft_config(path: str | None, target: str, manifest: Any, draft_vocab_size: int) -> DraftConfig:
@@ -164,7 +198,7 @@ def check_inputs(s: TrainSettings) -> RunInputs:
     if not s.resume and list_checkpoints(s.out):
         raise HSStoreError(f"{s.out} already holds checkpoints; pass --resume to continue, or another --out")
     reader = StoreReader(s.store)
-    require_training_roles(reader)
+    require_training_roles(reader, s.teacher)
     vocab = read_draft_vocab(reader)
     d2t, t2d = torch.as_tensor(vocab.d2t), torch.as_tensor(vocab.t2d)
     config = load_draft_config(s.draft_config, s.target, reader.manifest, len(d2t))
@@ -172,12 +206,12 @@ def check_inputs(s: TrainSettings) -> RunInputs:
     eval_reader = None
     if s.eval_store:
         eval_reader = StoreReader(s.eval_store)
-        require_training_roles(eval_reader)
+        require_training_roles(eval_reader, teacher_kind(reader.manifest, s.teacher))  # the train store's teacher
         config.check_store(eval_reader.manifest)
     split = split_store(reader, eval_fraction=s.eval_fraction, eval_reader=eval_reader)
     warn_if_other_target(reader.manifest, s.target)
     check_tracker(s.report_to)
-    teacher = Teacher.from_target(s.target, d2t, t2d)  # refuses an lm_head of another vocab
+    teacher = build_teacher(reader.manifest, s.teacher, s.target, d2t, t2d)
     resume_from = latest_checkpoint(s.out) if s.resume else None
     return RunInputs(config, d2t, t2d, split, teacher, resume_from)
 
@@ -464,7 +498,12 @@ class TrainRecipe:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, teacher: Teacher, loader: Any, device: torch.device | str, steps: int, decay: float
+    model: torch.nn.Module,
+    teacher: Teacher | TopkTeacher,
+    loader: Any,
+    device: torch.device | str,
+    steps: int,
+    decay: float,
 ) -> StepMetrics:
     """One pass over this rank's eval batches; per-step sums (reduce them across ranks before dividing)."""
     was_training = model.training
@@ -493,8 +532,11 @@ def evaluate_checkpoint(
     max_tokens: int | None = None,
     ttt_steps: int | None = None,
     num_workers: int = 1,
+    teacher: TeacherChoice = "auto",
 ) -> EvalResult:
-    """`hsstore eval`: a checkpoint's metrics over every sample of a store, in one process."""
+    """`hsstore eval`: a checkpoint's metrics over every sample of a store, in one process.
+
+    The teacher follows the evaluated store (auto: its top-k if it keeps one), not the training run's."""
     from ..reader import StoreReader
     from .checkpoint import read_meta, resolve_checkpoint, restore_draft
     from .loader import build_loader
@@ -503,14 +545,14 @@ def evaluate_checkpoint(
     run = read_meta(path)["settings"]
     draft = restore_draft(path)
     reader = StoreReader(store)
-    require_training_roles(reader)
+    require_training_roles(reader, teacher)
     draft.config.check_store(reader.manifest)
-    teacher = Teacher.from_target(target or run["target"], draft.d2t, draft.t2d)
+    teacher_module = build_teacher(reader.manifest, teacher, target or run["target"], draft.d2t, draft.t2d)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     max_tokens = max_tokens or run["max_tokens_per_batch"]
     loader = build_loader(store, max_tokens=max_tokens, shuffle=False, num_workers=num_workers)
     steps = ttt_steps or run["ttt_steps"]
-    metrics = evaluate(draft.to(device), teacher.to(device), loader, device, steps, run["ttt_decay"])
+    metrics = evaluate(draft.to(device), teacher_module.to(device), loader, device, steps, run["ttt_decay"])
     values = metrics_dict(metrics, run["ttt_decay"])
     return EvalResult(path, len(reader), steps, values, [int(c) for c in metrics.count.tolist()])
 

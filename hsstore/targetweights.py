@@ -1,20 +1,22 @@
-"""Read a target checkpoint's config and a few named tensors, never the whole model.
+"""Read a target checkpoint's config and a few named tensors, never the whole model, and apply its head.
 
 The draft needs the target's embedding, the teacher its final norm and lm_head: three tensors out of
 a checkpoint that may be hundreds of GB. safetensors opens each shard lazily, so only those tensors
-are read (the sharded index, model.safetensors.index.json, says which shard holds which).
+are read (the sharded index, model.safetensors.index.json, says which shard holds which). Both
+`generate` (top-k teacher) and `train` (teacher from the last layer) turn the last layer into logits
+the same way, so the norm and the chunked lm_head product live here too; nothing heavy is imported.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import HSStoreError
+from .errors import HSStoreError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -84,3 +86,23 @@ def load_lm_head(target_dir: str | Path) -> torch.Tensor:
         return load_target_tensor(target_dir, LM_HEAD_NAMES)
     except HSStoreError:  # some tied checkpoints omit the flag and the tensor
         return load_embed_tokens(target_dir)
+
+
+def load_final_head(target_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(final norm weight [H], lm_head [vocab, H], RMSNorm eps): what turns the last layer into logits."""
+    eps = float(read_target_config(target_dir).get("rms_norm_eps", 1e-6))
+    return load_final_norm(target_dir), load_lm_head(target_dir), eps
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The target's final RMSNorm, in fp32 (the store's last layer is taken before it)."""
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x * weight.float()
+
+
+def chunked_logits(x: torch.Tensor, rows: torch.Tensor, chunk_size: int) -> Iterator[torch.Tensor]:
+    """x [N, H] fp32 times lm_head rows [V, H] (kept in the checkpoint's dtype), `chunk_size` rows at a time:
+    only one chunk is ever upcast to fp32."""
+    for start in range(0, len(rows), chunk_size):
+        yield x @ rows[start : start + chunk_size].float().T
