@@ -5,7 +5,7 @@ parts/part-00000/            one group per data-parallel writer (rank)
     zarr.json                attributes["commit"] = commit record (the only truth about extent)
     input_ids   [T] int32    tokens of every sample, concatenated
     loss_mask   [T] uint8
-    hidden/<role>[_scale]    [T, L, H] or [T, H]; fp8 adds per-token scales
+    hidden/<role>[_scale]    [T, L, H] or [T, H]; quantized codecs add scales (fp8 per token, mx per 32)
     teacher/{ids,logprobs}   [T, k]   top-k teacher (manifest.teacher): ids and log-probs, zeros off teacher positions
     samples/{offset,length,loss_tokens,source,sample_id,content_hash}   [N]
     token_freq  [V] int64    loss-masked target-token counts of this part

@@ -3,8 +3,9 @@
 Opening reads only small metadata (the manifest, each part's commit record and sample table), so a
 store of any size opens in well under a second per million samples. `reader[i]` returns torch
 tensors: `raw` arrays as zero-copy views of memory-mapped shards (local stores), compressed arrays
-decoded through zarr's codec pipeline (crc32c-checked). With `decode=False`, fp8 arrays come back as
-their e4m3 bits and scales, so the trainer dequantizes on the GPU (`hsstore.codecs.dequantize_fp8`).
+decoded through zarr's codec pipeline (crc32c-checked). With `decode=False`, quantized roles (fp8, mxfp4,
+mxfp6) come back as their stored payload and `_scale` arrays, so the trainer decodes them on the GPU
+(`hsstore.train.loader.to_device` calls the role's codec).
 """
 
 from __future__ import annotations
