@@ -2,7 +2,9 @@
 
 One writer owns one part (a data-parallel rank). Samples are buffered token-major until a shard
 boundary; each full shard is encoded and written by a background thread (overlapping the caller's
-forward pass), then the sample table and the commit record follow. `close()` writes the last,
+forward pass), then the sample table and the commit record follow. Quantizing codecs (fp8, mx*) also
+encode off the caller's thread: append checks the tensor and queues its encode (`_Deferred` rows).
+`close()` writes the last,
 partial shard. Reopening with `resume=True` reloads that partial tail into the buffer, so the next
 shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
 """
@@ -25,7 +27,7 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from . import layout
-from .codecs import ensure_blosc_split, get_codec
+from .codecs import HiddenCodec, ensure_blosc_split, get_codec
 from .commit import CommitRecord
 from .dtypes import torch_dtype
 from .errors import HSStoreError, IncompatibleStoreError, NotAStoreError, SampleError, StoreExistsError
@@ -48,10 +50,35 @@ class _PendingSample:
     loss_ids: np.ndarray  # target ids under the loss mask, for token_freq
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    """Rows lo:hi of one stored array of a sample whose encode runs on the encode thread.
+
+    Buffers slice it like an array (`len`, `[:n]`, `[n:]`) without waiting; the shard job resolves it."""
+
+    future: Future
+    suffix: str
+    lo: int
+    hi: int
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def __getitem__(self, rows: slice) -> _Deferred:
+        start, stop, _ = rows.indices(len(self))
+        return _Deferred(self.future, self.suffix, self.lo + start, self.lo + stop)
+
+    def result(self) -> np.ndarray:
+        return self.future.result()[self.suffix][self.lo : self.hi]
+
+
+RowPiece = np.ndarray | _Deferred
+
+
 @dataclass
 class _ShardJob:
     start: int  # first row of the shard slot
-    rows: dict[str, list[np.ndarray]]  # array name -> encoded pieces covering rows [start, start + n)
+    rows: dict[str, list[RowPiece]]  # array name -> encoded pieces covering rows [start, start + n)
     completed: list[_PendingSample] = field(default_factory=list)
 
 
@@ -86,7 +113,7 @@ class StoreWriter:
         self._token_freq = self._load_token_freq()
         # buffer: rows from self._buffer_start on, not yet handed to a shard job
         self._buffer_start = (self.commit.tokens // self._shard) * self._shard
-        self._buffer: dict[str, list[np.ndarray]] = {a.name: [] for a in self._arrays}
+        self._buffer: dict[str, list[RowPiece]] = {a.name: [] for a in self._arrays}
         self._buffered_rows = 0
         self._reload_tail()
         self._pending: list[_PendingSample] = []
@@ -94,6 +121,7 @@ class StoreWriter:
         self._appended = self.commit.samples  # samples accepted so far, committed or not
         self._rows = self.commit.tokens  # rows accepted so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsstore-writer")
+        self._encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsstore-encode")
         self._inflight: list[Future] = []
         self._failed: BaseException | None = None  # first background failure: later jobs must not commit
         self._closed = False
@@ -356,8 +384,13 @@ class StoreWriter:
                     f"pass the target's activations as they come out of the model ({spec.logical_dtype} or float32)"
                 )
             codec = get_codec(spec.codec)
-            encoded = codec.encode(t, spec.logical_dtype)
-            if not codec.all_finite(encoded, spec.logical_dtype):
+            if codec.lossless:  # a cast at most: encode here, check the stored bits
+                encoded = codec.encode(t, spec.logical_dtype)
+                finite = codec.all_finite(encoded, spec.logical_dtype)
+            else:  # quantizing: check here (one pass), encode on the encode thread
+                finite = bool(torch.isfinite(t).all())
+                encoded = self._encode_later(codec, t, spec.logical_dtype, n) if finite else {}
+            if not finite:
                 bad_tokens = (~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()
                 at = (
                     f"first at token {int(bad_tokens[0, 0])}"
@@ -412,6 +445,12 @@ class StoreWriter:
         out_lp = np.zeros((n, k), dtype=spec.logprob_dtype)
         out_ids[rows], out_lp[rows] = ids, stored_lp
         return {layout.TEACHER_IDS: out_ids, layout.TEACHER_LOGPROBS: out_lp}
+
+    def _encode_later(self, codec: HiddenCodec, t: torch.Tensor, logical: str, n: int) -> dict[str, _Deferred]:
+        """Queue the encode of an own copy of `t` (the caller may reuse its buffer); rows resolve in the shard job."""
+        own = t.detach().to("cpu", copy=t.device.type == "cpu")
+        future = self._encode_pool.submit(codec.encode, own, logical)
+        return {suffix: _Deferred(future, suffix, 0, n) for suffix in codec.suffixes}
 
     def _source_index(self, source: str) -> int:
         names = self.commit.source_names
@@ -470,7 +509,8 @@ class StoreWriter:
 
     def _write_shard_and_commit(self, job: _ShardJob) -> None:
         # the copy into one shard-sized array happens here, off the caller's (forward pass's) thread
-        rows = {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in job.rows.items()}
+        resolved = {name: [p.result() if isinstance(p, _Deferred) else p for p in ps] for name, ps in job.rows.items()}
+        rows = {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in resolved.items()}
         n = len(rows["input_ids"])
         end = job.start + n
         shard_index = job.start // self._shard
@@ -571,6 +611,7 @@ class StoreWriter:
             self._part.attrs[layout.COMMIT_KEY] = self.commit.stamped()
         finally:
             self._pool.shutdown(wait=True)
+            self._encode_pool.shutdown(wait=True)
         return self.commit
 
     def __enter__(self) -> StoreWriter:
@@ -583,9 +624,10 @@ class StoreWriter:
             # keep what is committed; let the background writer finish its shard, skip the tail
             self._closed = True
             self._pool.shutdown(wait=True)
+            self._encode_pool.shutdown(wait=True)
 
 
-def _split_pieces(pieces: list[np.ndarray], n: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def _split_pieces(pieces: list[RowPiece], n: int) -> tuple[list[RowPiece], list[RowPiece]]:
     """Row pieces -> (pieces holding the first n rows, pieces holding the rest), as views: no copy."""
     head: list[np.ndarray] = []
     for i, piece in enumerate(pieces):

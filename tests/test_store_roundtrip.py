@@ -335,3 +335,26 @@ def test_all_zero_chunks_are_stored(codec, store_path, make_manifest, make_sampl
     r = StoreReader(store_path)
     for got, want in zip(r, samples, strict=True):
         assert_sample(got, want, codec)
+
+
+@pytest.mark.parametrize("codec", ["fp8", "mxfp4"])
+def test_quantizing_codecs_encode_an_own_copy(codec, store_path, make_manifest, make_sample):
+    """fp8/mx encode on the writer's encode thread: a caller reusing its activation buffer right after
+    append (as a backend with a persistent capture buffer does) must not change what gets stored."""
+    samples = [make_sample(i, 100) for i in range(6)]
+    buffers = {role: torch.empty_like(t) for role, t in samples[0].hidden.items()}
+    with StoreWriter(store_path, make_manifest(codec)) as w:
+        for s in samples:
+            for role, t in s.hidden.items():
+                buffers[role].copy_(t)
+            w.append(s.input_ids, s.loss_mask, dict(buffers), sample_id=s.sample_id)
+        for t in buffers.values():
+            t.fill_(1e4)  # overwrite after the last append: any encode still reading it would see this
+    with StoreWriter(f"{store_path}-direct", make_manifest(codec)) as w:
+        for s in samples:
+            s.append_to(w)
+    queued, direct = StoreReader(store_path), StoreReader(f"{store_path}-direct")
+    for i in range(len(samples)):
+        for role in ("aux", "last"):
+            assert torch.equal(queued[i][role], direct[i][role])
+            assert float(queued[i][role].float().abs().max()) < 1e3
