@@ -8,7 +8,7 @@ token-budget batching), from the same run:
     forward only       backend.hidden_states, states discarded: the ceiling
     .pt baseline       the same forward + one torch.save dict per sample ({input_ids, loss_mask, hidden_states
                        [n, aux, H] bf16, last_hidden_states [n, H] bf16}), as speculators/SpecForge write it
-    raw/lossless/fp8   run_generate into a store with that codec
+    raw ... mxfp4      run_generate into a store with that codec
 
 It prints tokens/s, the writer's overhead ((generate wall - forward-only wall) / generate wall, and
 run_generate's own write_seconds / wall), bytes per token on disk and ratios vs the .pt baseline, then checks
@@ -62,10 +62,10 @@ from hsstore.generate.pipeline import (
 from hsstore.generate.tiny import build_tiny_target
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-CODECS = ("raw", "lossless", "fp8")
+CODECS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4")
 WRITERS = ("pt", *CODECS)
 MODES = ("forward", *WRITERS)  # columns of the table, and the order of the runs within a repeat
-LABELS = {"forward": "forward only", "pt": ".pt baseline", "raw": "raw", "lossless": "lossless", "fp8": "fp8"}
+LABELS = {"forward": "forward only", "pt": ".pt baseline", **{c: c for c in CODECS}}
 MAX_POSITIONS = 2048  # build_tiny_target's default position table
 NOISY = 0.25  # repeats further apart than this mark a verdict as noisy
 
