@@ -62,7 +62,7 @@ from hsstore.generate.pipeline import (
 from hsstore.generate.tiny import build_tiny_target
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-CODECS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4")
+CODECS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4", "mxfp3")
 WRITERS = ("pt", *CODECS)
 MODES = ("forward", *WRITERS)  # columns of the table, and the order of the runs within a repeat
 LABELS = {"forward": "forward only", "pt": ".pt baseline", **{c: c for c in CODECS}}

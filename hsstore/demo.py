@@ -21,7 +21,7 @@ CACHE = Path(".hsstore-cache")
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo's store/ and run/ (replaced).")] = Path("demo"),
     samples: Annotated[int, typer.Option(help="ShareGPT conversations to use.")] = 64,
-    codec: Annotated[str, typer.Option(help="raw, lossless, fp8, mxfp6 or mxfp4.")] = "lossless",
+    codec: Annotated[str, typer.Option(help="raw, lossless, fp8, mxfp6, mxfp4 or mxfp3.")] = "lossless",
     train_steps: Annotated[int, typer.Option(help="Draft training steps.")] = 20,
 ) -> None:
     """End to end on the embedded default: tiny target + packaged ShareGPT -> store -> trained, exported draft."""

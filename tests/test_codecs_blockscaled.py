@@ -9,17 +9,18 @@ import zarr
 from conftest import H, build_manifest, build_sample
 
 from hsstore import IncompatibleStoreError, SampleError, StoreReader, StoreWriter
-from hsstore.blockscaled import BLOCK, E2M1, E2M3, ScaleRule, dequantize, pack_fp4, quantize, value_table
+from hsstore.blockscaled import BLOCK, E2M0, E2M1, E2M3, ScaleRule, dequantize, pack_fp4, quantize, value_table
 from hsstore.codecs import CODECS, get_codec
 from hsstore.train.loader import build_loader, role_codecs, to_device
 
-MX = {"mxfp4": E2M1, "mxfp6": E2M3}
+MX = {"mxfp4": E2M1, "mxfp6": E2M3, "mxfp3": E2M0}
 # Worst error of one value relative to its block's amax, scale rule CEIL (amax > max_value * scale / 2):
 # e2m1: a value >= 4 rounds by <= 1 (step 2) and sits at >= 5 to do so: 1/5; below 4 steps are <= 1, amax > 3.
 # e2m3: values in [4, 7.5] round by <= 0.25 (step 0.5), at >= 4.25: 1/17; below 4 steps are <= 0.25, amax > 3.75.
-MAX_ERR_OF_BLOCK_AMAX = {"mxfp4": 1 / 5, "mxfp6": 1 / 17}
+# e2m0: a value in (2, 4) rounds by <= 1 and sits at >= 3 to do so: 1/3; below 2 steps are <= 0.5, amax > 2.
+MAX_ERR_OF_BLOCK_AMAX = {"mxfp4": 1 / 5, "mxfp6": 1 / 17, "mxfp3": 1 / 3}
 # per-token relative L2 error on conftest's Gaussian samples: measured mean 11.6% / 2.8%, max 17.7% / 4.3%
-MEAN_REL_ERR = {"mxfp4": 0.13, "mxfp6": 0.035}
+MEAN_REL_ERR = {"mxfp4": 0.13, "mxfp6": 0.035, "mxfp3": 0.30}
 LENGTHS = [5, 40, 130, 1, 64]  # one sample crosses the 128-token shard boundary
 
 
@@ -181,7 +182,7 @@ def test_rounding_is_nearest_ties_to_even_and_scale_rules_differ():
     assert (ceil_scale.item(), ceil_codes[0].item()) == (128, 6)  # 7 / 2 = 3.5 -> 4 (tie to even)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4 * BLOCK, generator=g) * torch.exp(torch.randn(64, 1, generator=g) * 3)
-    for fmt in (E2M1, E2M3):
+    for fmt in (E2M1, E2M3, E2M0):
         codes, scale = quantize(x, fmt)
         grid = value_table(fmt, torch.device("cpu"), torch.float32)[:, 0]
         step = torch.exp2(scale.float() - 127).repeat_interleave(BLOCK, dim=-1)
@@ -193,7 +194,7 @@ def test_rounding_is_nearest_ties_to_even_and_scale_rules_differ():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_other_logical_dtypes_decode_to_the_same_values(dtype):
     x = torch.randn(8, 2 * BLOCK) * 100
-    for fmt in (E2M1, E2M3):
+    for fmt in (E2M1, E2M3, E2M0):
         codes, scale = quantize(x, fmt)
         ref = dequantize(codes, scale, fmt, torch.bfloat16)
         got = dequantize(codes, scale, fmt, dtype)

@@ -29,7 +29,7 @@ def generate(
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer path (default: the model's).")] = None,
     backend: Annotated[str, typer.Option(help="hf (transformers) or vllm.")] = "hf",
     codec: Annotated[
-        str, typer.Option(help="Hidden-state codec: raw, lossless, fp8, mxfp6 or mxfp4 (docs/FORMAT.md).")
+        str, typer.Option(help="Hidden-state codec: raw, lossless, fp8, mxfp6, mxfp4 or mxfp3 (docs/FORMAT.md).")
     ] = "lossless",
     seq_length: Annotated[int, typer.Option(help="Truncate samples to this many tokens.")] = 2048,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
