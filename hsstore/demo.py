@@ -21,12 +21,15 @@ CACHE = Path(".hsstore-cache")
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo's store/ and run/ (replaced).")] = Path("demo"),
     samples: Annotated[int, typer.Option(help="ShareGPT conversations to use.")] = 64,
-    codec: Annotated[str, typer.Option(help="raw, lossless, fp8, mxfp6, mxfp4 or mxfp3.")] = "lossless",
+    codec: Annotated[
+        str | None, typer.Option(help="raw, lossless, fp8, mxfp6, mxfp4 or mxfp3 (default: generate's).")
+    ] = None,
     train_steps: Annotated[int, typer.Option(help="Draft training steps.")] = 20,
 ) -> None:
     """End to end on the embedded default: tiny target + packaged ShareGPT -> store -> trained, exported draft."""
     from .cli import inspect, verify, vocab
     from .generate.cli import generate
+    from .generate.pipeline import DEFAULT_CODEC
     from .generate.tiny import build_tiny_target
     from .train.cli import train
 
@@ -35,8 +38,9 @@ def demo(
     shutil.rmtree(run, ignore_errors=True)  # the demo's own previous run
     console.rule(f"generate: tiny target at {target}")
     generate(
-        model=str(target), data=["sharegpt"], out=str(store), codec=codec, seq_length=512, max_samples=samples,
-        overwrite=True, chunk_tokens=64, shard_tokens=4096, batch_tokens=4096, cache_dir=str(CACHE / "datasets"),
+        model=str(target), data=["sharegpt"], out=str(store), codec=codec or DEFAULT_CODEC, seq_length=512,
+        max_samples=samples, overwrite=True, chunk_tokens=64, shard_tokens=4096, batch_tokens=4096,
+        cache_dir=str(CACHE / "datasets"),
     )  # fmt: skip
     console.rule("inspect")
     inspect(str(store), tokenizer=str(target), sample=0, top_k=10)

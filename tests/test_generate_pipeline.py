@@ -68,7 +68,7 @@ def generate_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "generate", "--model", str(model), "--data", str(data), "--out", str(out), "--seq-length", str(SEQ),
         "--layer-ids", "1,2,3", "--chunk-tokens", "64", "--shard-tokens", "512", "--batch-tokens", "1024",
-        "--no-shuffle", "--cache-dir", str(out.parent / "cache"), *extra,
+        "--no-shuffle", "--cache-dir", str(out.parent / "cache"), "--codec", "lossless", "--teacher", "last", *extra,
     ]  # fmt: skip
 
 

@@ -112,7 +112,7 @@ def store(target: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     run(
         [sys.executable, "-m", "hsstore.cli", "generate", "--model", str(target), "--data", str(data), "--out", out,
          "--seq-length", "256", "--layer-ids", "1,2,3", "--chunk-tokens", "64", "--shard-tokens", "1024",
-         "--batch-tokens", "2048", "--cache-dir", str(root / "cache")]
+         "--batch-tokens", "2048", "--cache-dir", str(root / "cache"), "--codec", "lossless", "--teacher", "last"]
     )  # fmt: skip
     result = invoke("vocab", out, "--draft-vocab-size", str(DRAFT_VOCAB))
     assert result.exit_code == 0, result.output

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .pipeline import DEFAULT_TOPK
+from .pipeline import DEFAULT_CODEC, DEFAULT_TEACHER, DEFAULT_TOPK
 from .regenerate_cli import regenerate
 
 console = Console()
@@ -30,7 +30,7 @@ def generate(
     backend: Annotated[str, typer.Option(help="hf (transformers) or vllm.")] = "hf",
     codec: Annotated[
         str, typer.Option(help="Hidden-state codec: raw, lossless, fp8, mxfp6, mxfp4 or mxfp3 (docs/FORMAT.md).")
-    ] = "lossless",
+    ] = DEFAULT_CODEC,
     seq_length: Annotated[int, typer.Option(help="Truncate samples to this many tokens.")] = 2048,
     max_samples: Annotated[int | None, typer.Option(help="Use at most this many samples.")] = None,
     seed: Annotated[int, typer.Option(help="Shuffle seed.")] = 0,
@@ -56,7 +56,7 @@ def generate(
             help="What the draft's teacher reads: the last layer (H values a token), or the target's top-k "
             "next-token log-probs at loss positions instead (topk: --topk ids + log-probs), or both."
         ),
-    ] = "last",
+    ] = DEFAULT_TEACHER,
     topk: Annotated[
         int, typer.Option(help="k of --teacher topk/both: tokens kept per teacher position.")
     ] = DEFAULT_TOPK,

@@ -36,6 +36,10 @@ TEACHER_MODES = ("last", "topk", "both")
 # 16 x (2-byte id + 2-byte log-prob) = 64 bytes per teacher token, ~0.3% of an 8B target's aux layers
 # (3 x 4096 bf16); chat targets put most of their probability on far fewer tokens. A sweep is cheap: --topk.
 DEFAULT_TOPK = 16
+# `hsstore generate`'s defaults: the smallest store whose draft kept the raw-bf16 draft's accuracy in
+# benchmarks/quality_bench.py (table in benchmarks/results/quality_bench.txt)
+DEFAULT_CODEC = "lossless"
+DEFAULT_TEACHER: TeacherMode = "last"
 
 
 @dataclass
@@ -53,7 +57,7 @@ class GenerateStats:
 @dataclass(frozen=True)
 class StoreSettings:
     out: str
-    codec: str = "lossless"
+    codec: str = DEFAULT_CODEC
     aux_layer_ids: Sequence[int] = ()
     geometry: Geometry = field(default_factory=Geometry)
     num_shards: int = 1
@@ -62,7 +66,7 @@ class StoreSettings:
     overwrite: bool = False
     batch_tokens: int = 8192
     max_seq_length: int | None = None
-    teacher: TeacherMode = "last"  # last layer, top-k distribution, or both
+    teacher: TeacherMode = DEFAULT_TEACHER  # last layer, top-k distribution, or both
     topk: int = DEFAULT_TOPK
     device: str = "cpu"  # where the top-k teacher's lm_head runs
 
