@@ -1,0 +1,1 @@
+"""Modules of benchmarks/quality_bench.py: conversation splits, the trained target, vLLM acceptance."""
