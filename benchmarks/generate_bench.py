@@ -374,6 +374,7 @@ def generate_store(backend: HiddenStateBackend, target: Target, codec: str, out:
     settings = StoreSettings(
         out=str(out),
         codec=codec,
+        teacher="last",  # the writer's cost per codec; the top-k head is a separate step
         aux_layer_ids=target.aux_layer_ids,
         geometry=Geometry(shard_tokens=cfg.shard_tokens),
         batch_tokens=cfg.batch_tokens,

@@ -102,7 +102,7 @@ def both_store(confident_target: Path, tmp_path_factory: pytest.TempPathFactory)
     backend = HFBackend(str(confident_target), dtype="bfloat16")
     settings = StoreSettings(
         out=str(root / "store"), aux_layer_ids=[1, 2, 3], geometry=Geometry(64, 1024), batch_tokens=1024,
-        max_seq_length=SEQ, teacher="both", topk=backend.vocab_size,
+        max_seq_length=SEQ, codec="lossless", teacher="both", topk=backend.vocab_size,
     )  # fmt: skip
     manifest = build_manifest(backend, str(confident_target), settings, loaded.tokenizer_info, loaded.sources)
     assert manifest.roles == ["aux", "last"] and manifest.teacher.k == backend.vocab_size

@@ -418,7 +418,7 @@ def store(confident_target: Path, tmp_path_factory: pytest.TempPathFactory) -> s
     backend = HFBackend(str(confident_target), dtype="bfloat16")
     settings = StoreSettings(
         out=str(root / "store"), aux_layer_ids=[1, 2, 3], geometry=Geometry(64, 1024), batch_tokens=4096,
-        max_seq_length=SEQ,
+        max_seq_length=SEQ, codec="lossless", teacher="last",
     )  # fmt: skip
     manifest = build_manifest(backend, str(confident_target), settings, loaded.tokenizer_info, loaded.sources)
     run_generate(backend, manifest, loaded.samples, settings)

@@ -38,8 +38,8 @@ TEACHER_MODES = ("last", "topk", "both")
 DEFAULT_TOPK = 16
 # `hsstore generate`'s defaults: the smallest store whose draft kept the raw-bf16 draft's accuracy in
 # benchmarks/quality_bench.py (table in benchmarks/results/quality_bench.txt)
-DEFAULT_CODEC = "lossless"
-DEFAULT_TEACHER: TeacherMode = "last"
+DEFAULT_CODEC = "mxfp4"
+DEFAULT_TEACHER: TeacherMode = "topk"
 
 
 @dataclass
