@@ -229,8 +229,6 @@ def write_formats(ds: Dataset, root: Path, draft_vocab: int) -> dict[str, Path]:
 class PtSamples(torch.utils.data.Dataset):
     """One store_bench-style .pt per sample, read whole with torch.load and renamed to the trainer's keys."""
 
-    hidden_dtype = torch.bfloat16
-
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 

@@ -35,8 +35,6 @@ NUM_LAYERS = 32
 class PtDataset(torch.utils.data.Dataset):
     """The baseline: one torch.save pickle per sample, read whole with torch.load."""
 
-    hidden_dtype = torch.bfloat16
-
     def __init__(self, root: Path, lengths: np.ndarray) -> None:
         self.root, self.lengths = root, lengths
 

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .. import dtypes
 from ..reader import StoreReader
 
 
@@ -45,11 +44,6 @@ class SampleDataset(Dataset):
     def lengths(self) -> np.ndarray:
         """Token count of every sample, from the index (no token data read)."""
         return self.reader.index.length
-
-    @property
-    def hidden_dtype(self) -> torch.dtype:
-        """Logical dtype of the hidden states (what quantized payloads decode to)."""
-        return dtypes.torch_dtype(self.reader.manifest.hidden[0].logical_dtype)
 
     def __len__(self) -> int:
         return len(self.reader)

@@ -95,7 +95,6 @@ class TrainLoader:
         self.dataset = dataset
         self.sampler = sampler
         self.noise = noise or NoiseConfig()
-        self.hidden_dtype = dataset.hidden_dtype
         # other datasets (the benchmarks' .pt baselines) hand out decoded tensors: nothing to decode
         self.codecs = role_codecs(dataset.reader.manifest) if isinstance(dataset, SampleDataset) else {}
         self.epoch, self.position = sampler.epoch, sampler.position
