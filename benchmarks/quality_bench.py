@@ -16,14 +16,18 @@ trained from it is worth:
    spec-decode counters give the real acceptance length 1 + accepted / drafts.
 4. the .pt baseline: the raw train store re-written as one torch.save file per sample (store_bench's
    format), for the bytes/token ratio.
+5. the served split (quality/served.py): the held-out prompts with the target's greedy replies from the
+   reference vLLM run, as a raw store, and `hsstore eval` of every draft on it.
 
-The reference variant (raw bf16) is trained with two seeds: their difference is the run-to-run noise that
-any other variant's difference must exceed to mean something.
+The reference variant (raw bf16) is trained with two seeds (--raw-seeds; --other-seeds for the others):
+their difference is the run-to-run noise that any other variant's difference must exceed to mean something.
 
-Reading the table: "τ est" is the trainer's estimate 1 + Σ_k Π_(j<=k) acc_k from teacher-forced TTT accuracies
-on ShareGPT replies; it runs higher than vLLM's measured τ because each acc_k is measured on every position
-(not only where the earlier drafts were right) and leaves out positions whose target token is outside the
-draft vocab. Compare variants within a column, against the spread of the two reference seeds.
+Reading the table: "τ est" is 1 + Σ_k Π_(j<=k) acc_k from teacher-forced TTT accuracies on ShareGPT replies: it
+treats the steps as independent and leaves out positions whose target token is outside the draft vocab.
+"τ chain" follows each draft chain position by position and counts those positions as misses (`hsstore eval`'s
+chained acceptance length). Both feed ShareGPT's tokens, not the target's own; "τ served" is τ chain on the
+target's own greedy replies to the vLLM prompts, so it should agree with the measured "τ vLLM". Compare
+variants within a column, against the spread of the reference seeds.
 
 Every step is cached under --cache-dir with a stamp of its inputs and skipped when its output exists (stores
 only when `hsstore verify` passes), so adding a variant to VARIANTS (or --add-variant) and re-running does only
@@ -62,7 +66,8 @@ from rich.table import Table
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from quality.data import DataConfig, make_splits, write_jsonl  # noqa: E402 (benchmarks/ on sys.path)
+from quality.data import DataConfig, make_splits, read_jsonl, write_jsonl  # noqa: E402 (benchmarks/ on sys.path)
+from quality.served import ServedSplit, served_split  # noqa: E402
 from quality.target import TargetConfig, build_target, read_stamp  # noqa: E402
 from store_bench import Dataset, Sample, disk_bytes, hsstore_revision, write_pt  # noqa: E402
 
@@ -84,6 +89,7 @@ REFERENCE = "raw"  # exact bf16: every difference is taken against it, and its e
 DEFAULT_CACHE = HERE / ".cache" / "quality"
 DEFAULT_RESULTS = HERE / "results" / "quality_bench.txt"
 SPLITS = ("train", "eval")
+SERVED = "served"  # the held-out prompts with the target's greedy vLLM replies (quality/served.py)
 
 console = Console(width=160, highlight=False)
 
@@ -117,6 +123,7 @@ class Config:
     results: Path | None
     variants: tuple[str, ...]
     raw_seeds: tuple[int, ...]
+    other_seeds: tuple[int, ...]
     data: DataConfig
     target: TargetConfig
     seq_length: int
@@ -124,6 +131,10 @@ class Config:
     draft: DraftSettings
     vllm: VllmSettings | None
     pt_baseline: bool
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    return tuple(int(s) for s in text.split(",") if s.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -140,7 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     )
     p.add_argument("--cache-dir", type=Path, help=f"where every step's output is kept (default {DEFAULT_CACHE})")
     p.add_argument("--results", type=Path, help=f"table file (default {DEFAULT_RESULTS}; --quick: in the cache)")
-    p.add_argument("--raw-seeds", default="0,1", help="seeds of the reference (raw) draft; the others use the first")
+    p.add_argument("--raw-seeds", default="0,1", help="seeds of the reference (raw) draft")
+    p.add_argument("--other-seeds", help="seeds of the other variants' drafts (default: the first raw seed)")
     p.add_argument("--steps", type=int, help="draft training steps (default 250)")
     p.add_argument("--max-tokens-per-batch", type=int, help="draft batch size in tokens (default 2048)")
     p.add_argument("--draft-lr", type=float, help="draft peak learning rate (default 1e-3)")
@@ -220,7 +232,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         cache=cache.resolve(),
         results=a.results or (cache / "quality_bench.txt" if a.quick else DEFAULT_RESULTS),
         variants=names,
-        raw_seeds=tuple(int(s) for s in a.raw_seeds.split(",") if s.strip()),
+        raw_seeds=seed_list(a.raw_seeds),
+        other_seeds=seed_list(a.other_seeds or a.raw_seeds)[: None if a.other_seeds else 1],
         data=data,
         target=target,
         seq_length=seq_length,
@@ -411,12 +424,18 @@ def verify_ok(store: Path) -> bool:
     return proc.returncode == 0
 
 
-def ensure_store(cfg: Config, inp: Inputs, variant: str, split: str, timings: Timings) -> dict[str, Any]:
-    """Generate one store unless an identical, verified one is there; returns its stamp (bytes, tokens, ...)."""
+def ensure_store(
+    cfg: Config, inp: Inputs, variant: str, split: str, timings: Timings, source: str | None = None
+) -> dict[str, Any]:
+    """Generate one store unless an identical, verified one is there; returns its stamp (bytes, tokens, ...).
+
+    `source`: a digest of the split's content when it is not one of the seeded splits (the served one)."""
     out = store_dir(cfg, variant, split)
     args = generate_args(cfg, inp, variant, split)
     stamp_path = out.parent / f"{split}.stamp.json"
     key = plain({"args": args, "target": inp.target.name, "data": inp.data_key})
+    if source is not None:
+        key["source"] = source
     stamp = read_json(stamp_path)
     name = f"generate {variant}/{split}"
     if stamp is not None and stamp.get("key") == key and (out / "zarr.json").is_file():
@@ -530,6 +549,8 @@ class DraftResult:
     ref_eval: dict[str, float]  # `hsstore eval` on the reference (raw bf16) eval store
     vllm: dict[str, Any] | None
     train_seconds: float
+    run_key: Any  # the training stamp's key: what later evaluations of this draft are cached under
+    served_eval: dict[str, float] | None = None  # `hsstore eval` on the served store (the vLLM replies)
 
 
 def run_dir(cfg: Config, variant: str, seed: int) -> Path:
@@ -588,35 +609,51 @@ def ensure_draft(
     if train_eval is None:
         raise SystemExit(f"{run}/metrics.jsonl has no eval entry; is --eval-store set?")
     log(f"{name}: {describe_eval(train_eval, cfg.draft.ttt_steps)} ({stamp['seconds']:.0f} s to train)")
-    ref_eval = ensure_ref_eval(cfg, run, stamp, ref_store, timings)
+    ref_eval = ensure_eval(cfg, run, stamp["key"], ref_store, "eval", timings)
     vllm = ensure_vllm(cfg, inp, variant, seed, run, stamp, timings) if cfg.vllm else None
-    return DraftResult(variant, seed, train_eval, ref_eval, vllm, stamp["seconds"])
+    return DraftResult(variant, seed, train_eval, ref_eval, vllm, stamp["seconds"], stamp["key"])
 
 
 def describe_eval(values: dict[str, float], steps: int) -> str:
     accs = " ".join(f"{values[f'acc_{k}']:.3f}" for k in range(steps))
-    return f"acc {accs}, estimated acceptance length {values['acceptance_length_greedy']:.3f}"
+    text = f"acc {accs}, estimated acceptance length {values['acceptance_length_greedy']:.3f}"
+    if "acceptance_length_chained" in values:  # trainer logs of runs made before the chained metric lack it
+        text += f", chained {values['acceptance_length_chained']:.3f}"
+    return text
 
 
-def ensure_ref_eval(
-    cfg: Config, run: Path, stamp: dict[str, Any], ref_store: dict[str, Any], timings: Timings
+def ensure_eval(
+    cfg: Config, run: Path, run_key: Any, store: dict[str, Any], split: str, timings: Timings
 ) -> dict[str, float]:
-    """`hsstore eval` of the draft on the reference eval store: exact bf16 inputs and teacher, what it meets when
-    serving. Every draft, the reference ones too, so every row is measured the same way (the trainer's own eval
-    runs under its mixed precision)."""
-    path = run.with_name(run.name + ".ref_eval.json")
-    key = plain({"run": stamp["key"], "store": ref_store["key"]})
+    """`hsstore eval` of the draft on a reference (raw bf16) store of `split`: exact inputs and teacher, what it
+    meets when serving. Every draft, the reference ones too, so every row is measured the same way (the
+    trainer's own eval runs under its mixed precision)."""
+    path = run.with_name(f"{run.name}.on-{split}.json")
+    key = plain({"run": run_key, "store": store["key"]})
     cached = read_json(path)
+    name = f"eval {run.name} on {split}"
     if cached is not None and cached.get("key") == key:
-        timings.cached(f"eval {run.name}", cached)
+        timings.cached(name, cached)
         return cached["values"]
-    with timings.phase(f"eval {run.name}") as phase:
-        cmd = [*hsstore_exe(), "eval", "--checkpoint", str(run), "--store", str(store_dir(cfg, REFERENCE, "eval"))]
-        out = run_logged([*cmd, "--json"], run.with_name(run.name + ".ref_eval.log"))
+    with timings.phase(name) as phase:
+        cmd = [*hsstore_exe(), "eval", "--checkpoint", str(run), "--store", str(store_dir(cfg, REFERENCE, split))]
+        out = run_logged([*cmd, "--json"], run.with_name(f"{run.name}.on-{split}.log"))
     values = json.loads(out.strip().splitlines()[-1])
     write_json(path, {"key": key, "values": values, "seconds": phase.seconds, "load": phase.load})
-    log(f"eval {run.name} on the {REFERENCE} eval store: {describe_eval(values, cfg.draft.ttt_steps)}")
+    log(f"{name} ({REFERENCE} store): {describe_eval(values, cfg.draft.ttt_steps)}")
     return values
+
+
+def ensure_served(cfg: Config, inp: Inputs, reference: DraftResult, timings: Timings) -> tuple[dict, ServedSplit]:
+    """The served split from the reference draft's vLLM replies (greedy: every draft's are the same text), and its
+    raw store."""
+    from transformers import AutoTokenizer
+
+    assert reference.vllm is not None
+    prompts = read_jsonl(inp.data_dir / "prompts.jsonl")
+    split = served_split(prompts, reference.vllm["token_ids"], AutoTokenizer.from_pretrained(inp.target))
+    write_jsonl(split.rows, inp.data_dir / f"{SERVED}.jsonl")
+    return ensure_store(cfg, inp, REFERENCE, SERVED, timings, source=digest(split.rows)), split
 
 
 def ensure_vllm(
@@ -672,16 +709,20 @@ def results_table(
         table.add_column(f"acc_{k}", justify="right")
     table.add_column("τ est", justify="right")
     table.add_column("Δτ est", justify="right")
+    table.add_column("τ chain", justify="right")
+    table.add_column("Δτ chain", justify="right")
     table.add_column("τ vLLM", justify="right")
     table.add_column("Δτ vLLM", justify="right")
+    table.add_column("τ served", justify="right")
     table.add_column("vLLM acc/pos", justify="right")
     table.add_column("τ est own", justify="right")
     base = next(d for d in drafts if d.variant == REFERENCE)
     base_est = base.ref_eval["acceptance_length_greedy"]
+    base_chain = base.ref_eval["acceptance_length_chained"]
     base_vllm = base.vllm["acceptance_length"] if base.vllm else None
     if pt is not None:
         pt_row = ["per-sample .pt", f"{pt['bytes'] / pt['tokens']:,.0f}", "1.00x"]
-        table.add_row(*pt_row, *(["-"] * (steps + 6)))
+        table.add_row(*pt_row, *(["-"] * (steps + 9)))
     shown: set[str] = set()
     for d in drafts:
         s = stores[d.variant]["train"]
@@ -692,6 +733,7 @@ def results_table(
             size = [f"{per_token:,.0f}", f"{pt['bytes'] / s['bytes']:.2f}x" if pt else "-"]
         shown.add(d.variant)
         est = d.ref_eval["acceptance_length_greedy"]
+        chain = d.ref_eval["acceptance_length_chained"]
         measured = d.vllm["acceptance_length"] if d.vllm else None
         is_base = d is base
         table.add_row(
@@ -700,8 +742,11 @@ def results_table(
             *(f"{d.ref_eval[f'acc_{k}']:.3f}" for k in range(steps)),
             f"{est:.3f}",
             "base" if is_base else fmt_delta(est - base_est),
+            f"{chain:.3f}",
+            "base" if is_base else fmt_delta(chain - base_chain),
             "-" if measured is None else f"{measured:.3f}",
             "base" if is_base else fmt_delta(None if measured is None or base_vllm is None else measured - base_vllm),
+            f"{d.served_eval['acceptance_length_chained']:.3f}" if d.served_eval else "-",
             " ".join(f"{x:.2f}" for x in d.vllm["acceptance_rate_per_position"]) if d.vllm else "-",
             f"{d.train_eval['acceptance_length_greedy']:.3f}",
         )
@@ -723,7 +768,7 @@ def setup_lines(cfg: Config, inp: Inputs, stores: dict[str, dict[str, dict[str, 
         f"draft: hsstore train, {d.steps} steps x {d.max_tokens} tokens, lr {d.lr:g}, warmup {d.warmup}, TTT "
         f"{d.ttt_steps}, mixed precision {d.mixed_precision}, draft vocab {cfg.draft_vocab} (covers {covered:.1%} of "
         f"the train loss tokens); seeds: {REFERENCE} {', '.join(map(str, cfg.raw_seeds))}, others "
-        f"{cfg.raw_seeds[0]}",
+        f"{', '.join(map(str, cfg.other_seeds))}",
     ]
     lines.append(
         "variants (extra `hsstore generate` args): " + "; ".join(f"{n}: {' '.join(VARIANTS[n])}" for n in cfg.variants)
@@ -736,23 +781,49 @@ def setup_lines(cfg: Config, inp: Inputs, stores: dict[str, dict[str, dict[str, 
         )
     lines.append(
         f"acc_k, τ est: `hsstore eval` on the {REFERENCE} eval store (exact inputs and teacher, as when serving); "
-        f"τ est = 1 + Σ_k Π_(j<=k) acc_j over {d.ttt_steps} TTT steps; 'τ est own': the trainer's final eval on the "
+        f"τ est = 1 + Σ_k Π_(j<=k) acc_j over {d.ttt_steps} TTT steps (positions whose target top-1 is in the "
+        "draft vocab); τ chain = 1 + Σ_k share of all chain starts whose drafts 0..k were all right (a top-1 "
+        "outside the draft vocab is a miss; true tokens as inputs); 'τ est own': the trainer's final eval on the "
         f"variant's own eval store; vLLM acc/pos: share of drafts accepted through position k; Δ = variant - "
         f"{REFERENCE} s{cfg.raw_seeds[0]}"
     )
+    if cfg.vllm:
+        lines.append(
+            f"τ served: τ chain on a {REFERENCE} store of the vLLM prompts with the target's greedy replies (the text "
+            "vLLM drafted on), so it should match τ vLLM"
+        )
     return lines
+
+
+def served_lines(drafts: list[DraftResult], served: ServedSplit | None) -> list[str]:
+    """How far τ served is from τ vLLM, and how faithfully the served split reproduces vLLM's tokens."""
+    pairs = [
+        (d.served_eval["acceptance_length_chained"], d.vllm["acceptance_length"])
+        for d in drafts
+        if d.served_eval and d.vllm
+    ]
+    if served is None or not pairs:
+        return []
+    gaps = [est - measured for est, measured in pairs]
+    return [
+        f"τ served - τ vLLM over {len(pairs)} drafts: mean {sum(gaps) / len(gaps):+.3f}, range {min(gaps):+.3f} to "
+        f"{max(gaps):+.3f}; {served.same_ids}/{len(served.rows)} served replies re-tokenize to vLLM's exact ids"
+    ]
 
 
 def spread_lines(drafts: list[DraftResult]) -> list[str]:
     raws = [d for d in drafts if d.variant == REFERENCE]
     lines = []
     if len(raws) >= 2:
-        est = [d.ref_eval["acceptance_length_greedy"] for d in raws]
-        text = f"run-to-run spread ({REFERENCE}, seeds {', '.join(str(d.seed) for d in raws)}): τ est "
-        text += f"{min(est):.3f}-{max(est):.3f} (range {max(est) - min(est):.3f})"
-        if all(d.vllm for d in raws):
-            measured = [d.vllm["acceptance_length"] for d in raws]  # type: ignore[index]
-            text += f", τ vLLM {min(measured):.3f}-{max(measured):.3f} (range {max(measured) - min(measured):.3f})"
+        served = all(d.served_eval for d in raws)
+        columns = {
+            "τ est": [d.ref_eval["acceptance_length_greedy"] for d in raws],
+            "τ chain": [d.ref_eval["acceptance_length_chained"] for d in raws],
+            "τ vLLM": [d.vllm["acceptance_length"] for d in raws] if all(d.vllm for d in raws) else [],  # type: ignore[index]
+            "τ served": [d.served_eval["acceptance_length_chained"] for d in raws] if served else [],  # type: ignore[index]
+        }
+        ranges = [f"{k} {min(v):.3f}-{max(v):.3f} (range {max(v) - min(v):.3f})" for k, v in columns.items() if v]
+        text = f"run-to-run spread ({REFERENCE}, seeds {', '.join(str(d.seed) for d in raws)}): {', '.join(ranges)}"
         lines.append(text + "; differences within these ranges are noise")
     base = raws[0] if raws else None
     if base is not None and base.vllm:
@@ -823,12 +894,17 @@ def run_locked(cfg: Config) -> None:
     pt = ensure_pt_baseline(cfg, stores[REFERENCE]["train"], timings) if cfg.pt_baseline else None
     drafts = []
     for variant in cfg.variants:
-        for seed in cfg.raw_seeds if variant == REFERENCE else cfg.raw_seeds[:1]:
+        for seed in cfg.raw_seeds if variant == REFERENCE else cfg.other_seeds:
             drafts.append(ensure_draft(cfg, inp, variant, seed, stores[variant], stores[REFERENCE]["eval"], timings))
+    served = None
+    if cfg.vllm is not None:
+        served_store, served = ensure_served(cfg, inp, drafts[0], timings)
+        for d in drafts:
+            d.served_eval = ensure_eval(cfg, run_dir(cfg, d.variant, d.seed), d.run_key, served_store, SERVED, timings)
 
     setup = setup_lines(cfg, inp, stores, covered)
     table = results_table(cfg, drafts, stores, pt)
-    footer = [*spread_lines(drafts), *timings.summary()]
+    footer = [*spread_lines(drafts), *served_lines(drafts, served), *timings.summary()]
     console.print()
     for item in (*setup, table, *footer):
         console.print(item)

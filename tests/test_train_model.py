@@ -30,7 +30,7 @@ from hsstore.train.config import DraftConfig
 from hsstore.train.export import export_draft
 from hsstore.train.loss import StepMetrics, estimated_acceptance_length, ttt_loss
 from hsstore.train.model import Eagle3Draft, apply_rope, sample_causal_mask, shift_within_sample, ttt_mask
-from hsstore.train.teacher import Teacher
+from hsstore.train.teacher import Teacher, TeacherOutput, teacher_positions
 
 H = 64
 TARGET_VOCAB = 300
@@ -316,6 +316,42 @@ def test_each_step_drops_the_last_positions_of_each_sample() -> None:
     loss.backward()
     assert draft.fc.weight.grad is not None and draft.embed_tokens.weight.grad is None
     assert bool((metrics.expected_acceptance <= 1 + 1e-6).all())
+
+
+def test_chained_acceptance_follows_each_chain() -> None:
+    """A draft that always proposes one token, a teacher whose top-1 is that token at random positions: the
+    chained counts equal a per-index walk (stop at the first wrong, unusable or out-of-vocab position)."""
+    draft, steps, width = small_draft(seed=5), 3, 40
+    with torch.no_grad():
+        draft.lm_head.weight.zero_()  # equal logits: argmax is draft id 0 everywhere
+    proposed = int(draft.draft_ids_in_target[0])
+    batch = packed_row([23, 14], width, seed=5)
+    seq_ids = batch["seq_ids"]
+    g = torch.Generator().manual_seed(5)
+    top1 = torch.where(torch.rand(1, width, generator=g) < 0.75, proposed, proposed + 1)
+    top1[torch.rand(1, width, generator=g) < 0.1] = -1  # the target's top-1 is outside the draft vocab
+    mask = teacher_positions(batch["loss_mask"], seq_ids) & (top1 >= 0)
+    probs = torch.softmax(torch.randn(1, width, DRAFT_VOCAB, generator=g), -1)
+    teacher = TeacherOutput(probs, mask, torch.where(mask, top1, -1), torch.ones(1, width))
+    with torch.no_grad():
+        _, metrics = ttt_loss(draft, batch, teacher, ttt_steps=steps)
+
+    chained, chains = [0] * steps, 0
+    sample, trained = seq_ids[0].tolist(), batch["loss_mask"][0].tolist()
+    for t in range(width - 2):
+        if sample[t] < 0 or sample[t + 2] != sample[t] or not trained[t + 2]:
+            continue
+        chains += 1
+        for k in range(steps):
+            j = t + k + 1
+            if j + 1 >= width or sample[j + 1] != sample[t] or not mask[0, j] or top1[0, j] != proposed:
+                break
+            chained[k] += 1
+    assert chains > 0 and chained[0] > chained[-1] > 0  # the case is not degenerate
+    assert metrics.chained.tolist() == chained and metrics.chains.tolist() == [chains] * steps
+    values = metrics.summary()
+    assert values["acceptance_length_chained"] == pytest.approx(1 + sum(chained) / chains)
+    assert values["chain_0"] == pytest.approx(chained[0] / chains)
 
 
 # --- config ------------------------------------------------------------------------------------------

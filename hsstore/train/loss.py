@@ -9,6 +9,14 @@ the soft cross-entropy -sum_v teacher(v) log draft(v).
 
 Metrics are kept as per-step sums and counts (tensors on the batch's device), so a runner can add
 them over batches and all-reduce them across ranks before dividing.
+
+Two acceptance-length estimates come out. `acceptance_length_greedy` multiplies the per-step accuracies
+(each over its own usable positions), so it assumes the steps fail independently and leaves out the
+positions whose target top-1 the draft vocab cannot express. `acceptance_length_chained` follows each
+chain as serving does: a chain starts at every index whose next-but-one token is trained on, step k
+counts only if steps 0..k were all right at that index, and a position the draft cannot be right at
+(target top-1 outside the draft vocab, teacher unusable) ends the chain. It still feeds the true tokens
+rather than the draft's own, which is exact wherever the data is the target's greedy output.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Eagle3Draft
-from .teacher import Teacher, TeacherOutput, TopkTeacher
+from .teacher import Teacher, TeacherOutput, TopkTeacher, teacher_positions
 
 # what every packed batch holds; a teacher module adds its own inputs (`batch_keys`: "last", or the top-k arrays)
 BATCH_KEYS = ("input_ids", "loss_mask", "aux", "position_ids", "seq_ids")
@@ -35,16 +43,18 @@ class StepMetrics:
     correct: torch.Tensor  # draft argmax (mapped to target ids) == target argmax
     accept_sum: torch.Tensor  # expected acceptance sum_v min(p_target(v), p_draft(v))
     count: torch.Tensor  # positions counted
+    chained: torch.Tensor  # chains whose drafts 0..k were all right
+    chains: torch.Tensor  # chains started (the same at every step)
 
     @classmethod
     def zeros(cls, steps: int, device: torch.device | str = "cpu") -> StepMetrics:
-        return cls(*(torch.zeros(steps, dtype=torch.float64, device=device) for _ in range(4)))
+        return cls(*(torch.zeros(steps, dtype=torch.float64, device=device) for _ in fields(cls)))
 
     def __add__(self, other: StepMetrics) -> StepMetrics:
         return StepMetrics(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def as_tensor(self) -> torch.Tensor:
-        """[4, steps], e.g. for one all_reduce; `from_tensor` undoes it."""
+        """[fields, steps], e.g. for one all_reduce; `from_tensor` undoes it."""
         return torch.stack([getattr(self, f.name) for f in fields(self)])
 
     @classmethod
@@ -63,15 +73,20 @@ class StepMetrics:
     def expected_acceptance(self) -> torch.Tensor:
         return self.accept_sum / self.count.clamp(min=1)
 
+    @property
+    def chain_survival(self) -> torch.Tensor:
+        """Share of chains whose drafts 0..k were all accepted, per k."""
+        return self.chained / self.chains.clamp(min=1)
+
     def summary(self) -> dict[str, float]:
-        """Flat floats for logging: loss_k, acc_k, accept_k per step and the estimated acceptance lengths."""
+        """Flat floats for logging: loss_k, acc_k, accept_k, chain_k per step and the estimated acceptance lengths."""
         out: dict[str, float] = {}
-        for k, (loss, acc, accept) in enumerate(
-            zip(self.loss.tolist(), self.accuracy.tolist(), self.expected_acceptance.tolist(), strict=True)
-        ):
-            out.update({f"loss_{k}": loss, f"acc_{k}": acc, f"accept_{k}": accept})
+        per_step = (self.loss, self.accuracy, self.expected_acceptance, self.chain_survival)
+        for k, (loss, acc, accept, chain) in enumerate(zip(*(t.tolist() for t in per_step), strict=True)):
+            out.update({f"loss_{k}": loss, f"acc_{k}": acc, f"accept_{k}": accept, f"chain_{k}": chain})
         out["acceptance_length_greedy"] = estimated_acceptance_length(self.accuracy)
         out["acceptance_length_sampled"] = estimated_acceptance_length(self.expected_acceptance)
+        out["acceptance_length_chained"] = 1.0 + float(self.chain_survival.sum())
         return out
 
 
@@ -114,6 +129,8 @@ def ttt_loss(
     if not isinstance(teacher, TeacherOutput):
         teacher = teacher.from_batch(batch)
     valid = step_positions(teacher.mask, seq_ids, ttt_steps)
+    starts = step_positions(teacher_positions(batch["loss_mask"], seq_ids), seq_ids, 1)[0]
+    alive = starts.clone()  # chains whose drafts so far were all right
     logits = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps, select=valid)
     d2t = unwrap(draft).d2t
 
@@ -134,7 +151,17 @@ def ttt_loss(
             metrics.correct[k] = correct.sum().double()
             metrics.accept_sum[k] = accept.sum().double()
             metrics.count[k] = count.double()
+            alive &= scatter_true(sel, correct)
+            metrics.chained[k] = alive.sum().double()
+            metrics.chains[k] = starts.sum().double()
     return loss, metrics
+
+
+def scatter_true(sel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: `values` (one per True of `sel`, in order) at the indices `sel` marks, False elsewhere."""
+    out = torch.zeros_like(sel)
+    out[sel] = values
+    return out
 
 
 def shift_left(x: torch.Tensor, n: int, fill: int = 0) -> torch.Tensor:

@@ -283,7 +283,8 @@ def format_metrics(values: dict[str, float], steps: int) -> str:
     accepts = " ".join(f"{values[f'accept_{k}']:.2f}" for k in range(steps))
     return (
         f"loss [bold]{values['loss']:.4f}[/] | acc {accs} | accept {accepts} | "
-        f"τ [bold]{values['acceptance_length_greedy']:.2f}[/] (sampled {values['acceptance_length_sampled']:.2f})"
+        f"τ [bold]{values['acceptance_length_greedy']:.2f}[/] (chained {values['acceptance_length_chained']:.2f}, "
+        f"sampled {values['acceptance_length_sampled']:.2f})"
     )
 
 
