@@ -632,7 +632,8 @@ def ensure_eval(
     key = plain({"run": run_key, "store": store["key"]})
     cached = read_json(path)
     name = f"eval {run.name} on {split}"
-    if cached is not None and cached.get("key") == key:
+    wanted = "acceptance_length_decoding" if split == SERVED else "acceptance_length_chained"  # made by older evals
+    if cached is not None and cached.get("key") == key and wanted in cached["values"]:
         timings.cached(name, cached)
         return cached["values"]
     with timings.phase(name) as phase:
@@ -715,6 +716,7 @@ def results_table(
     table.add_column("Δτ vLLM", justify="right")
     table.add_column("τ served", justify="right")
     table.add_column("vLLM acc/pos", justify="right")
+    table.add_column("served acc/pos", justify="right")
     table.add_column("τ est own", justify="right")
     base = next(d for d in drafts if d.variant == REFERENCE)
     base_est = base.ref_eval["acceptance_length_greedy"]
@@ -722,7 +724,7 @@ def results_table(
     base_vllm = base.vllm["acceptance_length"] if base.vllm else None
     if pt is not None:
         pt_row = ["per-sample .pt", f"{pt['bytes'] / pt['tokens']:,.0f}", "1.00x"]
-        table.add_row(*pt_row, *(["-"] * (steps + 9)))
+        table.add_row(*pt_row, *(["-"] * (steps + 10)))
     shown: set[str] = set()
     for d in drafts:
         s = stores[d.variant]["train"]
@@ -746,8 +748,9 @@ def results_table(
             "base" if is_base else fmt_delta(chain - base_chain),
             "-" if measured is None else f"{measured:.3f}",
             "base" if is_base else fmt_delta(None if measured is None or base_vllm is None else measured - base_vllm),
-            f"{d.served_eval['acceptance_length_chained']:.3f}" if d.served_eval else "-",
+            f"{d.served_eval['acceptance_length_decoding']:.3f}" if d.served_eval else "-",
             " ".join(f"{x:.2f}" for x in d.vllm["acceptance_rate_per_position"]) if d.vllm else "-",
+            " ".join(f"{d.served_eval[f'walk_{k}']:.2f}" for k in range(steps)) if d.served_eval else "-",
             f"{d.train_eval['acceptance_length_greedy']:.3f}",
         )
     return table
@@ -789,8 +792,9 @@ def setup_lines(cfg: Config, inp: Inputs, stores: dict[str, dict[str, dict[str, 
     )
     if cfg.vllm:
         lines.append(
-            f"τ served: τ chain on a {REFERENCE} store of the vLLM prompts with the target's greedy replies (the text "
-            "vLLM drafted on), so it should match τ vLLM"
+            f"τ served: `hsstore eval`'s decoding walk (greedy speculative decoding replayed: each chain starts past "
+            f"the previous one's kept drafts and the target's token) on a {REFERENCE} store of the vLLM prompts with "
+            "the target's greedy replies (the text vLLM drafted on), so it should match τ vLLM"
         )
     return lines
 
@@ -798,7 +802,7 @@ def setup_lines(cfg: Config, inp: Inputs, stores: dict[str, dict[str, dict[str, 
 def served_lines(drafts: list[DraftResult], served: ServedSplit | None) -> list[str]:
     """How far τ served is from τ vLLM, and how faithfully the served split reproduces vLLM's tokens."""
     pairs = [
-        (d.served_eval["acceptance_length_chained"], d.vllm["acceptance_length"])
+        (d.served_eval["acceptance_length_decoding"], d.vllm["acceptance_length"])
         for d in drafts
         if d.served_eval and d.vllm
     ]
@@ -820,7 +824,7 @@ def spread_lines(drafts: list[DraftResult]) -> list[str]:
             "τ est": [d.ref_eval["acceptance_length_greedy"] for d in raws],
             "τ chain": [d.ref_eval["acceptance_length_chained"] for d in raws],
             "τ vLLM": [d.vllm["acceptance_length"] for d in raws] if all(d.vllm for d in raws) else [],  # type: ignore[index]
-            "τ served": [d.served_eval["acceptance_length_chained"] for d in raws] if served else [],  # type: ignore[index]
+            "τ served": [d.served_eval["acceptance_length_decoding"] for d in raws] if served else [],  # type: ignore[index]
         }
         ranges = [f"{k} {min(v):.3f}-{max(v):.3f} (range {max(v) - min(v):.3f})" for k, v in columns.items() if v]
         text = f"run-to-run spread ({REFERENCE}, seeds {', '.join(str(d.seed) for d in raws)}): {', '.join(ranges)}"

@@ -318,9 +318,10 @@ def test_each_step_drops_the_last_positions_of_each_sample() -> None:
     assert bool((metrics.expected_acceptance <= 1 + 1e-6).all())
 
 
-def test_chained_acceptance_follows_each_chain() -> None:
+def test_chained_acceptance_and_decoding_walk() -> None:
     """A draft that always proposes one token, a teacher whose top-1 is that token at random positions: the
-    chained counts equal a per-index walk (stop at the first wrong, unusable or out-of-vocab position)."""
+    chained counts equal a per-index walk (stop at the first wrong, unusable or out-of-vocab position), and
+    the decoding walk jumps over each chain's kept drafts plus the target's token, reply by reply."""
     draft, steps, width = small_draft(seed=5), 3, 40
     with torch.no_grad():
         draft.lm_head.weight.zero_()  # equal logits: argmax is draft id 0 everywhere
@@ -334,24 +335,36 @@ def test_chained_acceptance_follows_each_chain() -> None:
     probs = torch.softmax(torch.randn(1, width, DRAFT_VOCAB, generator=g), -1)
     teacher = TeacherOutput(probs, mask, torch.where(mask, top1, -1), torch.ones(1, width))
     with torch.no_grad():
-        _, metrics = ttt_loss(draft, batch, teacher, ttt_steps=steps)
+        _, metrics = ttt_loss(draft, batch, teacher, ttt_steps=steps, walk=True)
 
-    chained, chains = [0] * steps, 0
     sample, trained = seq_ids[0].tolist(), batch["loss_mask"][0].tolist()
+    kept: dict[int, int] = {}  # chain start -> drafts kept
     for t in range(width - 2):
         if sample[t] < 0 or sample[t + 2] != sample[t] or not trained[t + 2]:
             continue
-        chains += 1
+        kept[t] = 0
         for k in range(steps):
             j = t + k + 1
             if j + 1 >= width or sample[j + 1] != sample[t] or not mask[0, j] or top1[0, j] != proposed:
                 break
-            chained[k] += 1
-    assert chains > 0 and chained[0] > chained[-1] > 0  # the case is not degenerate
-    assert metrics.chained.tolist() == chained and metrics.chains.tolist() == [chains] * steps
+            kept[t] += 1
+    chained = [sum(n > k for n in kept.values()) for k in range(steps)]
+    assert kept and chained[0] > chained[-1] > 0  # the case is not degenerate
+    assert metrics.chained.tolist() == chained and metrics.chains.tolist() == [len(kept)] * steps
+
+    walk: list[int] = []  # kept drafts of each chain the decoding walk makes
+    for t in range(width - 1):
+        if trained[t + 1] and not trained[t] and sample[t] == sample[t + 1] >= 0:  # a reply starts at t + 1
+            while t in kept:
+                walk.append(kept[t])
+                t += kept[t] + 1
+    assert len(walk) < len(kept) and max(walk) > 0
+    assert metrics.walked.tolist() == [sum(n > k for n in walk) for k in range(steps)]
+    assert metrics.walks.tolist() == [len(walk)] * steps
     values = metrics.summary()
-    assert values["acceptance_length_chained"] == pytest.approx(1 + sum(chained) / chains)
-    assert values["chain_0"] == pytest.approx(chained[0] / chains)
+    assert values["acceptance_length_chained"] == pytest.approx(1 + sum(chained) / len(kept))
+    assert values["acceptance_length_decoding"] == pytest.approx(1 + sum(walk) / len(walk))
+    assert values["chain_0"] == pytest.approx(chained[0] / len(kept))
 
 
 # --- config ------------------------------------------------------------------------------------------

@@ -102,16 +102,18 @@ def eval_command(
         return
     console.print(f"{result.checkpoint} on {store}: {result.samples:,} samples", highlight=False)
     table = Table()
-    for col in ("TTT step", "loss", "accuracy", "expected acceptance", "positions", "chains alive"):
+    columns = ("TTT step", "loss", "accuracy", "expected acceptance", "positions", "chains alive", "walk alive")
+    for col in columns:
         table.add_column(col, justify="right")
     v = result.values
     for k in range(result.steps):
         row = (f"{v[f'loss_{k}']:.4f}", f"{v[f'acc_{k}']:.3f}", f"{v[f'accept_{k}']:.3f}", f"{result.counts[k]:,}")
-        table.add_row(str(k), *row, f"{v[f'chain_{k}']:.3f}")
+        table.add_row(str(k), *row, f"{v[f'chain_{k}']:.3f}", f"{v.get(f'walk_{k}', float('nan')):.3f}")
     console.print(table)
     console.print(
         f"loss {v['loss']:.4f} | estimated acceptance length {v['acceptance_length_greedy']:.2f} greedy, "
-        f"{v['acceptance_length_chained']:.2f} chained, {v['acceptance_length_sampled']:.2f} sampled",
+        f"{v['acceptance_length_chained']:.2f} chained, {v.get('acceptance_length_decoding', float('nan')):.2f} "
+        f"decoding walk, {v['acceptance_length_sampled']:.2f} sampled",
         highlight=False,
     )
 

@@ -17,6 +17,11 @@ chain as serving does: a chain starts at every index whose next-but-one token is
 counts only if steps 0..k were all right at that index, and a position the draft cannot be right at
 (target top-1 outside the draft vocab, teacher unusable) ends the chain. It still feeds the true tokens
 rather than the draft's own, which is exact wherever the data is the target's greedy output.
+
+Serving does not start a chain at every position: after a chain keeps a drafts, the target adds its own
+token and the next chain starts a + 1 positions later. `decoding_walk` (eval only: it reads the batch on
+the host) replays that over each assistant reply, giving `acceptance_length_decoding` and per-step rates
+that count what vLLM's spec-decode counters count, when the replies are the target's own greedy output.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class StepMetrics:
     count: torch.Tensor  # positions counted
     chained: torch.Tensor  # chains whose drafts 0..k were all right
     chains: torch.Tensor  # chains started (the same at every step)
+    walked: torch.Tensor  # chains of the decoding walk whose drafts 0..k were all right
+    walks: torch.Tensor  # chains of the decoding walk (the same at every step)
 
     @classmethod
     def zeros(cls, steps: int, device: torch.device | str = "cpu") -> StepMetrics:
@@ -78,6 +85,11 @@ class StepMetrics:
         """Share of chains whose drafts 0..k were all accepted, per k."""
         return self.chained / self.chains.clamp(min=1)
 
+    @property
+    def walk_survival(self) -> torch.Tensor:
+        """Share of the decoding walk's chains whose drafts 0..k were all accepted (vLLM's per-position rate)."""
+        return self.walked / self.walks.clamp(min=1)
+
     def summary(self) -> dict[str, float]:
         """Flat floats for logging: loss_k, acc_k, accept_k, chain_k per step and the estimated acceptance lengths."""
         out: dict[str, float] = {}
@@ -87,6 +99,9 @@ class StepMetrics:
         out["acceptance_length_greedy"] = estimated_acceptance_length(self.accuracy)
         out["acceptance_length_sampled"] = estimated_acceptance_length(self.expected_acceptance)
         out["acceptance_length_chained"] = 1.0 + float(self.chain_survival.sum())
+        if bool(self.walks.gt(0).any()):  # only evaluation walks
+            out.update({f"walk_{k}": rate for k, rate in enumerate(self.walk_survival.tolist())})
+            out["acceptance_length_decoding"] = 1.0 + float(self.walk_survival.sum())
         return out
 
 
@@ -116,11 +131,13 @@ def ttt_loss(
     teacher: Teacher | TopkTeacher | TeacherOutput,
     ttt_steps: int = 7,
     decay: float = 0.8,
+    walk: bool = False,
 ) -> tuple[torch.Tensor, StepMetrics]:
     """Unroll `ttt_steps` steps over a packed batch (see BATCH_KEYS); returns the loss and per-step metrics.
 
     `teacher` is a module that reads its inputs from the batch (`Teacher`: the last layer, `TopkTeacher`:
-    the stored top-k) or a ready `TeacherOutput`. `draft` may be wrapped (DDP, FSDP): it is only called, once."""
+    the stored top-k) or a ready `TeacherOutput`. `draft` may be wrapped (DDP, FSDP): it is only called, once.
+    `walk` adds the decoding walk's counts (a host loop: for evaluation, not for every training step)."""
     needed = (*BATCH_KEYS, *getattr(teacher, "batch_keys", ()))
     missing = [k for k in needed if k not in batch]
     if missing:
@@ -131,6 +148,7 @@ def ttt_loss(
     valid = step_positions(teacher.mask, seq_ids, ttt_steps)
     starts = step_positions(teacher_positions(batch["loss_mask"], seq_ids), seq_ids, 1)[0]
     alive = starts.clone()  # chains whose drafts so far were all right
+    accepted = torch.zeros_like(seq_ids)  # drafts each chain keeps
     logits = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps, select=valid)
     d2t = unwrap(draft).d2t
 
@@ -154,7 +172,35 @@ def ttt_loss(
             alive &= scatter_true(sel, correct)
             metrics.chained[k] = alive.sum().double()
             metrics.chains[k] = starts.sum().double()
+            accepted += alive
+    if walk:
+        walked, walks = decoding_walk(accepted, starts, batch["loss_mask"], seq_ids, ttt_steps)
+        metrics.walked.copy_(walked)
+        metrics.walks.fill_(walks)
     return loss, metrics
+
+
+def decoding_walk(
+    accepted: torch.Tensor, starts: torch.Tensor, loss_mask: torch.Tensor, seq_ids: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, int]:
+    """Greedy speculative decoding replayed over every assistant reply (a run of loss-masked tokens).
+
+    The first chain starts where the reply's first token has just come from the target (index P - 1 for a
+    reply starting at P: its aux states and token P predict P + 1); a chain at t keeps accepted[t] drafts,
+    the target adds one token, so the next chain starts at t + accepted[t] + 1, until the reply ends.
+    Returns, per step k, the chains whose drafts 0..k were all kept, and the number of chains."""
+    kept, ok = accepted.tolist(), starts.tolist()
+    mask = loss_mask.bool()
+    reply_start = mask[:, 1:] & ~mask[:, :-1] & (seq_ids[:, 1:] == seq_ids[:, :-1]) & (seq_ids[:, 1:] >= 0)
+    survived = [0] * steps
+    chains = 0
+    for b, t in reply_start.nonzero().tolist():
+        while t < len(ok[b]) and ok[b][t]:
+            chains += 1
+            for k in range(kept[b][t]):
+                survived[k] += 1
+            t += kept[b][t] + 1
+    return torch.tensor(survived, dtype=torch.float64), chains
 
 
 def scatter_true(sel: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -511,7 +511,7 @@ def evaluate(
     model.eval()
     total = StepMetrics.zeros(steps, device)
     for batch in loader:
-        _, metrics = ttt_loss(model, loader.to_device(batch, device), teacher, steps, decay)
+        _, metrics = ttt_loss(model, loader.to_device(batch, device), teacher, steps, decay, walk=True)
         total = total + metrics
     model.train(was_training)
     return total
