@@ -3,13 +3,15 @@
 Today's offline EAGLE-3 tools write one torch.save pickle per sample ({input_ids, loss_mask, hidden_states
 [n, 3, H] bf16, last_hidden_states [n, H] bf16}) and read it back whole with torch.load. This script measures,
 for that baseline and for each hsstore codec: bytes per token, write speed, and random-access whole-sample
-reads (warm and cold page cache, 1 and 2 reader processes), then checks the targets of the issue:
+reads (warm and cold page cache, 1 and 2 reader processes; warm also on a reader's second pass, as a
+training loop's later epochs read: raw readers keep their shard mappings, so page-table setup is paid once),
+then checks the targets of the issue:
 
     lossless >= 1.40x smaller than .pt      fp8 >= 2.2x smaller than .pt
     raw reads >= 2x faster than torch.load  lossless reads >= 1 GB/s decoded per core
 
-The block-scaled codecs (mxfp6 = e2m3, mxfp4 = e2m1, one e8m0 scale per 32 values) have no target yet: the
-table shows their size, relative error and CPU decode speed beside fp8's.
+The block-scaled codecs (mxfp6 = e2m3, mxfp4 = e2m1, mxfp3 = e2m0, one e8m0 scale per 32 values) have no
+target yet: the table shows their size, relative error and CPU decode speed beside fp8's.
 
 Data sets: (1) synthetic LLM-like activations (hidden 4096, log-normal channel scales, massive-activation
 channels, an attention-sink first token), (2) real activations of all-MiniLM-L6-v2 over ShareGPT text (needs
@@ -37,7 +39,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -409,6 +411,8 @@ class ReadJob:
     decode: bool
     ids: tuple[int, ...]
     warmup: int | None = None  # a held-out sample read untimed first
+    passes: int = 1  # passes over ids with one reader; only the last is timed (2: a training loop's later epochs)
+    buffer_bytes: int = 1 << 20  # the staging buffer: the largest sample's bytes, allocated and touched untimed
 
 
 @dataclass(frozen=True)
@@ -459,9 +463,12 @@ def timed_reads(
 def run_job(job: ReadJob, tasks: mp.Queue, results: mp.Queue) -> WorkerTiming:
     """Open the source, warm up, report ready, wait for 'go', then time the reads."""
     read = open_source(job)
-    buf = torch.empty(1 << 20, dtype=torch.uint8)
+    buf = torch.ones(job.buffer_bytes, dtype=torch.uint8)  # faulted in now, not during the first timed reads
     if job.warmup is not None:  # first-call costs (zarr's event loop, the allocator's heap) stay untimed
         buf = touch(read(job.warmup).values(), buf)
+    for _ in range(job.passes - 1):  # earlier epochs: the same reader keeps its shard mappings
+        for i in job.ids:
+            buf = touch(read(i).values(), buf)
     results.put(("ready", None))
     tasks.get()
     return timed_reads(read, job.ids, buf)
@@ -563,7 +570,7 @@ class Results:
 
 def read_run(pool: ReaderPool, job: ReadJob, procs: int, logical_per_token: int) -> ReadStats:
     """One timed run: the ids split into disjoint parts, one per process; aggregate over the common wall time."""
-    jobs = [ReadJob(job.fmt, job.location, job.decode, job.ids[k::procs], job.warmup) for k in range(procs)]
+    jobs = [replace(job, ids=job.ids[k::procs]) for k in range(procs)]
     timings = pool.run(jobs)
     wall = max(t.stop for t in timings) - min(t.start for t in timings)
     logical = sum(t.tokens for t in timings) * logical_per_token
@@ -576,9 +583,16 @@ def best(runs: list[ReadStats]) -> ReadStats:
     return max(runs, key=lambda r: r.samples_per_s)
 
 
+EPOCH2 = "warm, epoch 2"  # warm page cache, timed on the reader's second pass over the samples
+
+
+def cache_kinds(cfg: Config) -> tuple[str, ...]:
+    return ("warm", EPOCH2, "cold") if cfg.cold else ("warm", EPOCH2)
+
+
 def set_cache(cache: str, files: list[Path]) -> int | None:
     """Put the files in the page cache (warm) or out of it (cold; returns the bytes still cached, if known)."""
-    if cache == "warm":
+    if cache != "cold":
         warm_page_cache(files)
         return None
     drop_page_cache(files)
@@ -591,19 +605,20 @@ def measure_reads(pool: ReaderPool, res: Results, paths: dict[str, Path], cfg: C
     order = [int(i) for i in np.random.default_rng(cfg.seed + 1).permutation(len(ds.samples))]
     warmup = order.pop() if len(order) > 1 else None  # held out of the timed reads, so cold runs stay cold
     ids = tuple(order[: cfg.max_reads] if cfg.max_reads else order)
-    caches = ("warm", "cold") if cfg.cold else ("warm",)
+    largest = max(len(s.input_ids) for s in ds.samples) * (ds.logical_bytes_per_token + 16)  # + ids, mask (int64)
     runs: dict[tuple[str, str, int], list[ReadStats]] = {}
     for repeat in range(cfg.repeats):
         for v in VARIANTS:
             files = files_under(paths[v.fmt])
-            for cache in caches:
+            for cache in cache_kinds(cfg):
                 for procs in cfg.procs:
                     resident = set_cache(cache, files)
                     if resident is not None:  # keep the worst cold start
                         worst = max(resident, res.resident_after_drop.get(v.fmt, (0, 0))[0])
                         res.resident_after_drop[v.fmt] = (worst, disk_bytes(paths[v.fmt]))
                     res.load.append(os.getloadavg()[0])
-                    job = ReadJob(v.fmt, str(paths[v.fmt]), v.decode, ids, warmup)
+                    passes = 2 if cache == EPOCH2 else 1
+                    job = ReadJob(v.fmt, str(paths[v.fmt]), v.decode, ids, warmup, passes, largest)
                     runs.setdefault((v.label, cache, procs), []).append(
                         read_run(pool, job, procs, ds.logical_bytes_per_token)
                     )
@@ -700,7 +715,7 @@ def size_rows(res: Results) -> list[list[str]]:
 
 def read_rows(res: Results, cfg: Config) -> list[list[str]]:
     rows = []
-    for cache in ("warm", "cold") if cfg.cold else ("warm",):
+    for cache in cache_kinds(cfg):
         for procs in cfg.procs:
             stats = [res.reads[(v.label, cache, procs)] for v in VARIANTS]
             base = stats[0]
@@ -775,6 +790,15 @@ def checks(res: Results, cfg: Config) -> list[Check]:
                 note,
             )
         )
+        raw2, base2 = (res.reads[(label, EPOCH2, 1)] for label in ("raw", "pt-baseline"))
+        out.append(
+            Check(
+                "raw reads faster than torch.load of .pt (warm, 1 proc, epoch 2: the reader's shard mappings kept)",
+                raw2.samples_per_s / base2.samples_per_s,
+                2.0,
+                "x",
+            )
+        )
         out.append(
             Check(
                 "lossless decoded GB/s per core (warm, 1 proc, CPU time)",
@@ -837,7 +861,8 @@ def print_header(cfg: Config, workdir: Path) -> None:
     console.print(
         "method: every read copies each returned tensor into a preallocated buffer (touches every byte, for .pt and "
         "store alike); reads are whole samples in random order, each process a disjoint subset, after one untimed "
-        "warm-up read of a held-out sample; reader processes spawned, torch 1 thread each; cold = fsync + "
+        "warm-up read of a held-out sample; 'epoch 2' = timed on a second pass with the same reader; reader "
+        "processes spawned, torch 1 thread each; cold = fsync + "
         "posix_fadvise(POSIX_FADV_DONTNEED) on every file (drop_caches is not writable here); writes timed to the "
         f"page cache; GB/s count logical bf16 hidden-state bytes; best of {cfg.repeats} repeat(s); ratios are vs the "
         "pt-baseline column."

@@ -65,7 +65,7 @@ def _check_raw_shards(r: StoreReader) -> None:
     tokens = p.commit.tokens
     n_shards = -(-tokens // g.shard_tokens)
     for name, raw in p.local_arrays.items():
-        if raw.decoder is not None:  # compressed arrays carry crc32c per chunk instead
+        if raw.decompress is not None:  # compressed arrays carry crc32c per chunk instead
             continue
         crcs = p.group[f"shard_crc32c/{name}"][:]
         assert len(crcs) == n_shards, name

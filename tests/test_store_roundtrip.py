@@ -18,6 +18,7 @@ import zarr
 from hsstore import StoreReader, StoreWriter
 from hsstore.codecs import blosc_was_split, dequantize_fp8
 from hsstore.manifest import FORMAT_VERSION, MANIFEST_KEY
+from hsstore.shardfile import zstd_decompress
 
 # lengths chosen against shards of 128 tokens: samples inside one shard, ending exactly on a boundary,
 # crossing one boundary, longer than a shard (300 spans three slots), and single tokens
@@ -358,3 +359,28 @@ def test_quantizing_codecs_encode_an_own_copy(codec, store_path, make_manifest, 
         for role in ("aux", "last"):
             assert torch.equal(queued[i][role], direct[i][role])
             assert float(queued[i][role].float().abs().max()) < 1e3
+
+
+def test_zstd_chunks_decode_through_a_reused_context_and_check_their_size() -> None:
+    """The reader's zstd path (one zstandard context per thread) reads numcodecs' frames, in several threads,
+    and refuses a frame whose size does not fill the destination exactly."""
+    import numcodecs
+
+    frames = [
+        (x, bytes(numcodecs.Zstd(level=3).encode(x))) for x in (np.arange(64, dtype=np.int32) * k for k in range(8))
+    ]
+
+    def decode_all(_: int) -> bool:
+        ok = True
+        for x, frame in frames:
+            out = np.empty_like(x)
+            zstd_decompress(frame, out)
+            ok &= bool(np.array_equal(out, x))
+        return ok
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(decode_all, range(16)))
+    with pytest.raises(ValueError, match="decodes to 256 bytes, expected 260"):
+        zstd_decompress(frames[1][1], np.empty(65, dtype=np.int32))
