@@ -8,7 +8,9 @@ token-budget batching), from the same run:
     forward only       backend.hidden_states, states discarded: the ceiling
     .pt baseline       the same forward + one torch.save dict per sample ({input_ids, loss_mask, hidden_states
                        [n, aux, H] bf16, last_hidden_states [n, H] bf16}), as speculators/SpecForge write it
-    raw ... mxfp4      run_generate into a store with that codec
+    raw ... mxfp3      run_generate into a store with that codec (the last layer kept: the writer alone)
+    default            run_generate with generate's defaults (mxfp3 + the top-16 teacher instead of the last
+                       layer): the writer plus the top-k head (lm_head and top-k on the generate device)
 
 It prints tokens/s, the writer's overhead ((generate wall - forward-only wall) / generate wall, and
 run_generate's own write_seconds / wall), bytes per token on disk and ratios vs the .pt baseline, then checks
@@ -52,6 +54,8 @@ from hsstore.generate.backends import HiddenStateBackend, load_backend
 from hsstore.generate.inputs import LoadedSamples, TokenizedSample, load_samples
 from hsstore.generate.layers import default_aux_layer_ids
 from hsstore.generate.pipeline import (
+    DEFAULT_CODEC,
+    DEFAULT_TOPK,
     StoreSettings,
     build_manifest,
     run_generate,
@@ -62,10 +66,13 @@ from hsstore.generate.pipeline import (
 from hsstore.generate.tiny import build_tiny_target
 
 CACHE = Path(__file__).resolve().parent / ".cache"
-CODECS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4", "mxfp3")
+# codecs with the last layer stored (the writer's cost per codec), then generate's default: the codec with the
+# top-k teacher instead of the last layer, its head (lm_head + top-k on the generate device) included
+DEFAULT = f"{DEFAULT_CODEC}+top{DEFAULT_TOPK}"
+CODECS = ("raw", "lossless", "fp8", "mxfp6", "mxfp4", "mxfp3", DEFAULT)
 WRITERS = ("pt", *CODECS)
 MODES = ("forward", *WRITERS)  # columns of the table, and the order of the runs within a repeat
-LABELS = {"forward": "forward only", "pt": ".pt baseline", **{c: c for c in CODECS}}
+LABELS = {"forward": "forward only", "pt": ".pt baseline", **{c: c for c in CODECS}, DEFAULT: f"default: {DEFAULT}"}
 MAX_POSITIONS = 2048  # build_tiny_target's default position table
 NOISY = 0.25  # repeats further apart than this mark a verdict as noisy
 
@@ -369,12 +376,16 @@ def pt_baseline(
     return Run(wall, target.tokens, forward_s, save_s, disk_bytes(out))
 
 
-def generate_store(backend: HiddenStateBackend, target: Target, codec: str, out: Path, cfg: Config) -> Run:
-    """What `hsstore generate` does after loading: run_generate into a fresh store (writer open and close timed)."""
+def generate_store(backend: HiddenStateBackend, target: Target, mode: str, out: Path, cfg: Config) -> Run:
+    """What `hsstore generate` does after loading: run_generate into a fresh store (writer open and close timed).
+
+    `mode` is a codec (the last layer kept), or DEFAULT: generate's default codec and top-k teacher."""
+    codec, _, topk = mode.partition("+top")
     settings = StoreSettings(
         out=str(out),
         codec=codec,
-        teacher="last",  # the writer's cost per codec; the top-k head is a separate step
+        teacher="topk" if topk else "last",
+        topk=int(topk) if topk else DEFAULT_TOPK,
         aux_layer_ids=target.aux_layer_ids,
         geometry=Geometry(shard_tokens=cfg.shard_tokens),
         batch_tokens=cfg.batch_tokens,
