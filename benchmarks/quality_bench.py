@@ -33,8 +33,10 @@ Every step is cached under --cache-dir with a stamp of its inputs and skipped wh
 only when `hsstore verify` passes), so adding a variant to VARIANTS (or --add-variant) and re-running does only
 the new work. One run per cache dir at a time (a lock file).
 
-    python benchmarks/quality_bench.py                          # raw, lossless, fp8: ~25 min uncached on a quiet
-                                                                # 2-core machine, 20 s cached
+    python benchmarks/quality_bench.py                          # every variant: ~60 min uncached on a quiet
+                                                                # 2-core machine (target 15, a draft ~4), 3 min cached
+    python benchmarks/quality_bench.py --variants raw,fp8,mxfp3+topk16              # ~32 min uncached
+    python benchmarks/quality_bench.py --raw-seeds 0,1,2 --other-seeds 0,1          # the committed table
     python benchmarks/quality_bench.py --variants raw,fp8       # a subset (raw is always run: the baseline)
     python benchmarks/quality_bench.py --add-variant 'mxfp4=--codec mxfp4'   # try one without editing VARIANTS
     python benchmarks/quality_bench.py --quick                  # smoke run, ~6 min
