@@ -231,8 +231,15 @@ def test_eval_command_prints_metrics(trained: SimpleNamespace) -> None:
     values = json.loads(result.output.strip().splitlines()[-1])
     assert 0 < values["loss"] < metrics(trained.out)[0]["loss"]
     assert 1.0 <= values["acceptance_length_greedy"] <= 4.0 and 0.0 <= values["acc_2"] <= 1.0
+    # a chain (of every position, or of the decoding walk) survives step k only if it survived step k - 1
+    for kind in ("chain", "walk"):
+        rates = [values[f"{kind}_{k}"] for k in range(3)]
+        assert 1.0 >= rates[0] >= rates[1] >= rates[2] >= 0.0, (kind, rates)
+        name = "chained" if kind == "chain" else "decoding"
+        assert values[f"acceptance_length_{name}"] == pytest.approx(1.0 + sum(rates))
     table = invoke("eval", "--checkpoint", str(trained.out), "--store", trained.store, "--num-workers", "0")
     assert table.exit_code == 0 and "estimated acceptance length" in table.output and "80 samples" in table.output
+    assert "decoding walk" in table.output and "chained" in table.output
 
 
 @pytest.mark.slow
