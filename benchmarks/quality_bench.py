@@ -634,8 +634,7 @@ def ensure_eval(
     key = plain({"run": run_key, "store": store["key"]})
     cached = read_json(path)
     name = f"eval {run.name} on {split}"
-    wanted = "acceptance_length_decoding" if split == SERVED else "acceptance_length_chained"  # made by older evals
-    if cached is not None and cached.get("key") == key and wanted in cached["values"]:
+    if cached is not None and cached.get("key") == key and "acceptance_length_chained" in cached["values"]:
         timings.cached(name, cached)
         return cached["values"]
     with timings.phase(name) as phase:
@@ -700,6 +699,11 @@ def fmt_delta(x: float | None) -> str:
     return "-" if x is None else f"{x:+.3f}"
 
 
+def fmt_value(values: dict[str, float] | None, key: str, digits: int = 3) -> str:
+    """A metric, or '-' where there is none (the decoding walk needs replies of at least two tokens)."""
+    return "-" if values is None or key not in values else f"{values[key]:.{digits}f}"
+
+
 def results_table(
     cfg: Config, drafts: list[DraftResult], stores: dict[str, dict[str, dict[str, Any]]], pt: dict[str, Any] | None
 ) -> Table:
@@ -750,9 +754,9 @@ def results_table(
             "base" if is_base else fmt_delta(chain - base_chain),
             "-" if measured is None else f"{measured:.3f}",
             "base" if is_base else fmt_delta(None if measured is None or base_vllm is None else measured - base_vllm),
-            f"{d.served_eval['acceptance_length_decoding']:.3f}" if d.served_eval else "-",
+            fmt_value(d.served_eval, "acceptance_length_decoding"),
             " ".join(f"{x:.2f}" for x in d.vllm["acceptance_rate_per_position"]) if d.vllm else "-",
-            " ".join(f"{d.served_eval[f'walk_{k}']:.2f}" for k in range(steps)) if d.served_eval else "-",
+            " ".join(fmt_value(d.served_eval, f"walk_{k}", 2) for k in range(steps)),
             f"{d.train_eval['acceptance_length_greedy']:.3f}",
         )
     return table
@@ -806,7 +810,7 @@ def served_lines(drafts: list[DraftResult], served: ServedSplit | None) -> list[
     pairs = [
         (d.served_eval["acceptance_length_decoding"], d.vllm["acceptance_length"])
         for d in drafts
-        if d.served_eval and d.vllm
+        if d.served_eval and "acceptance_length_decoding" in d.served_eval and d.vllm
     ]
     if served is None or not pairs:
         return []
@@ -821,7 +825,7 @@ def spread_lines(drafts: list[DraftResult]) -> list[str]:
     raws = [d for d in drafts if d.variant == REFERENCE]
     lines = []
     if len(raws) >= 2:
-        served = all(d.served_eval for d in raws)
+        served = all(d.served_eval and "acceptance_length_decoding" in d.served_eval for d in raws)
         columns = {
             "τ est": [d.ref_eval["acceptance_length_greedy"] for d in raws],
             "τ chain": [d.ref_eval["acceptance_length_chained"] for d in raws],
