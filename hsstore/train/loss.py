@@ -10,7 +10,7 @@ the soft cross-entropy -sum_v teacher(v) log draft(v).
 Metrics are kept as per-step sums and counts (tensors on the batch's device), so a runner can add
 them over batches and all-reduce them across ranks before dividing.
 
-Two acceptance-length estimates come out. `acceptance_length_greedy` multiplies the per-step accuracies
+Greedy acceptance length is estimated three ways. `acceptance_length_greedy` multiplies the per-step accuracies
 (each over its own usable positions), so it assumes the steps fail independently and leaves out the
 positions whose target top-1 the draft vocab cannot express. `acceptance_length_chained` follows each
 chain as serving does: a chain starts at every index whose next-but-one token is trained on, step k
@@ -91,7 +91,8 @@ class StepMetrics:
         return self.walked / self.walks.clamp(min=1)
 
     def summary(self) -> dict[str, float]:
-        """Flat floats for logging: loss_k, acc_k, accept_k, chain_k per step and the estimated acceptance lengths."""
+        """Flat floats for logging: loss_k, acc_k, accept_k, chain_k (and walk_k after a walk) per step, and the
+        estimated acceptance lengths."""
         out: dict[str, float] = {}
         per_step = (self.loss, self.accuracy, self.expected_acceptance, self.chain_survival)
         for k, (loss, acc, accept, chain) in enumerate(zip(*(t.tolist() for t in per_step), strict=True)):
