@@ -18,7 +18,7 @@ import zarr
 from hsstore import StoreReader, StoreWriter
 from hsstore.codecs import blosc_was_split, dequantize_fp8
 from hsstore.manifest import FORMAT_VERSION, MANIFEST_KEY
-from hsstore.shardfile import zstd_decompress
+from hsstore.shardfile import zstd_compress, zstd_decompress
 
 # lengths chosen against shards of 128 tokens: samples inside one shard, ending exactly on a boundary,
 # crossing one boundary, longer than a shard (300 spans three slots), and single tokens
@@ -384,3 +384,6 @@ def test_zstd_chunks_decode_through_a_reused_context_and_check_their_size() -> N
         assert all(pool.map(decode_all, range(16)))
     with pytest.raises(ValueError, match="decodes to 256 bytes, expected 260"):
         zstd_decompress(frames[1][1], np.empty(65, dtype=np.int32))
+    # the writer's frames (reused zstandard contexts) read back through numcodecs, as zarr's own path reads them
+    for x, _ in frames:
+        assert np.array_equal(np.frombuffer(numcodecs.Zstd().decode(zstd_compress(x, 1)), np.int32), x)
