@@ -63,7 +63,7 @@ def zstd_decompress(source: Any, dest: np.ndarray) -> None:
 
 
 def chunk_decoder(compressors: Sequence[Any]) -> Decompress | None:
-    """The numcodecs decompress function for a StoredArray's zarr compressors (None for raw bytes).
+    """The decompress function for a StoredArray's zarr compressors (None for raw bytes).
 
     Only the chains hsstore writes are accepted: [], [blosc, crc32c], [zstd, crc32c].
     """

@@ -149,6 +149,7 @@ def ttt_loss(
     valid = step_positions(teacher.mask, seq_ids, ttt_steps)
     starts = step_positions(teacher_positions(batch["loss_mask"], seq_ids), seq_ids, 1)[0]
     alive = starts.clone()  # chains whose drafts so far were all right
+    chains = starts.sum().double()
     accepted = torch.zeros_like(seq_ids)  # drafts each chain keeps
     logits = draft(batch["input_ids"], batch["aux"], batch["position_ids"], seq_ids, steps=ttt_steps, select=valid)
     d2t = unwrap(draft).d2t
@@ -172,7 +173,7 @@ def ttt_loss(
             metrics.count[k] = count.double()
             alive &= scatter_true(sel, correct)
             metrics.chained[k] = alive.sum().double()
-            metrics.chains[k] = starts.sum().double()
+            metrics.chains[k] = chains
             accepted += alive
     if walk:
         walked, walks = decoding_walk(accepted, starts, batch["loss_mask"], seq_ids, ttt_steps)
