@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 from zarr.abc.store import Store
@@ -25,3 +27,17 @@ def open_store(location: str, read_only: bool) -> Store:
     if path is not None:
         return LocalStore(path, read_only=read_only)
     return FsspecStore.from_url(location, read_only=read_only)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename, as zarr's LocalStore does (same `.partial` temp names, so a
+    killed write leaves what resume sweeps), without zarr's event-loop round trip on the writer thread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
