@@ -2,19 +2,23 @@
 
 One writer owns one part (a data-parallel rank). Samples are buffered token-major until a shard
 boundary; each full shard is encoded and written by a background thread (overlapping the caller's
-forward pass), then the sample table and the commit record follow. Quantizing codecs (fp8, mx*) also
-encode off the caller's thread: append checks the tensor and queues its encode (`_Deferred` rows).
-`close()` writes the last,
-partial shard. Reopening with `resume=True` reloads that partial tail into the buffer, so the next
-shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
+forward pass). Quantizing codecs (fp8, mx*) also encode off the caller's thread: append checks the
+tensor and queues its encode (`_Deferred` rows). The bookkeeping that makes written shards count (the
+array extents, raw checksums, sample table, token_freq and the commit record: ~25 zarr calls) runs
+at most once per `commit_seconds`, for every shard written since (a group commit), so small shards
+do not pay it one by one. `close()` writes the last, partial shard and commits. Reopening with
+`resume=True` drops whatever lies past the commit record and reloads the partial tail into the
+buffer, so the next shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -22,8 +26,6 @@ import crc32c
 import numpy as np
 import torch
 import zarr
-from zarr.core.buffer import cpu
-from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from . import dtypes, layout
@@ -34,9 +36,10 @@ from .errors import HSStoreError, IncompatibleStoreError, NotAStoreError, Sample
 from .layout import TokenArray
 from .manifest import MANIFEST_KEY, Manifest
 from .shardfile import chunk_encoder, encode_shard
-from .storage import local_path, open_store
+from .storage import local_path, open_store, write_atomic
 
 MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
+COMMIT_SECONDS = 1.0  # group commit: a crash loses at most this much written work, plus the shards in flight
 TeacherRows = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]  # (log-probs [n, k], ids [n, k])
 
 
@@ -93,7 +96,10 @@ class StoreWriter:
         rank: int = 0,
         resume: bool = False,
         overwrite: bool = False,
+        commit_seconds: float = COMMIT_SECONDS,
     ) -> None:
+        """`commit_seconds`: shards written within this long of the last commit wait for the next one
+        (0 commits after every shard)."""
         if not 0 <= rank < manifest.num_parts:
             raise IncompatibleStoreError(f"rank {rank} is outside 0..{manifest.num_parts - 1} (num_parts)")
         layout.check_chunk_sizes(manifest)
@@ -127,6 +133,11 @@ class StoreWriter:
         self._closed = False
         self.commit.closed = False
         self._local_part = local_path(location)
+        self._commit_seconds = commit_seconds
+        self._last_commit = time.monotonic()
+        self._written_rows = self.commit.tokens  # rows of the shard slots written so far (committed or not)
+        self._uncommitted: list[_PendingSample] = []  # samples completed by written shards, awaiting the commit
+        self._uncommitted_crcs: dict[str, dict[int, int]] = {}  # raw array -> {shard: crc32c} awaiting the commit
         self._shard_file_bytes: dict[tuple[str, int], int] = {}  # (array, shard) -> size on disk, for progress
         self._shard_logical_bytes: dict[int, int] = {}  # shard -> bf16 bytes of its rows, for progress
 
@@ -218,6 +229,7 @@ class StoreWriter:
         keeps the committed chunks), then the arrays shrink to the committed rows, deleting later shards.
         The shard then holds what a clean close would have left, and raw checksums match it again.
         """
+        self._adopt_unrecorded_shards()
         tokens = self.commit.tokens
         for arr in self._samples.values():
             if arr.shape[0] != self.commit.samples:
@@ -236,7 +248,8 @@ class StoreWriter:
                     arr.with_config({"write_empty_chunks": False})[chunk_end:slot_end] = 0
                 arr.resize((tokens, *arr.shape[1:]))
                 if a.stored.raw_layout and tokens > tail_start:
-                    self._record_shard_crc(a.name, tail_start // self._shard, np.asarray(arr[tail_start:tokens]))
+                    tail_crc = self._shard_crc(np.asarray(arr[tail_start:tokens]))
+                    self._write_crcs(a.name, {tail_start // self._shard: tail_crc})
             if a.stored.raw_layout:
                 crc = self._part[f"shard_crc32c/{a.name}"]
                 n_shards = -(-tokens // self._shard)
@@ -246,6 +259,28 @@ class StoreWriter:
         if path is not None and not self.commit.closed:  # temp files of atomic writes a kill interrupted (zarr's)
             for leftover in path.joinpath(layout.part_path(self.rank)).rglob("*.partial"):
                 leftover.unlink(missing_ok=True)
+
+    def _adopt_unrecorded_shards(self) -> None:
+        """Extend each local array over the shard files a crash left past its recorded extent.
+
+        Between group commits a local writer writes shard files beyond the extent the last commit
+        recorded; growing the extent over them lets the truncation below drop them like any other
+        uncommitted rows (zarr deletes the chunks a shrinking resize leaves outside)."""
+        path = local_path(self.location)
+        if path is None:
+            return
+        for a in self._arrays:
+            array_dir = path / layout.part_path(self.rank) / a.name
+            dims = len(a.stored.per_token_shape)
+            names = [p.name for p in array_dir.joinpath("c").iterdir()] if array_dir.joinpath("c").is_dir() else []
+            slots = [
+                int(name)
+                for name in names
+                if name.isdigit() and array_dir.joinpath(layout.shard_chunk_key(int(name), dims)).is_file()
+            ]
+            arr = self._zarr[a.name]
+            if slots and (max(slots) + 1) * self._shard > arr.shape[0]:
+                arr.resize(((max(slots) + 1) * self._shard, *arr.shape[1:]))
 
     def _reload_tail(self) -> None:
         """Put committed rows of the last, partial shard back in the buffer to be rewritten whole."""
@@ -501,6 +536,8 @@ class StoreWriter:
             self._write_shard_and_commit(job)
         except BaseException as e:
             self._failed = e
+            with contextlib.suppress(Exception):  # keep the shards written before this one, if the disk lets us
+                self._commit()
             raise HSStoreError(
                 f"{self.location}/{layout.part_path(self.rank)}: writing shard slot {slot} failed "
                 f"({type(e).__name__}: {e}); the {self.commit.samples} committed samples are intact: "
@@ -508,43 +545,69 @@ class StoreWriter:
             ) from e
 
     def _write_shard_and_commit(self, job: _ShardJob) -> None:
+        self._write_shard(job)
+        if time.monotonic() - self._last_commit >= self._commit_seconds:
+            self._commit()
+
+    def _write_shard(self, job: _ShardJob) -> None:
+        """Write one shard slot of every token array; the samples it completes wait for the next commit."""
         # the copy into one shard-sized array happens here, off the caller's (forward pass's) thread
         resolved = {name: [p.result() if isinstance(p, _Deferred) else p for p in ps] for name, ps in job.rows.items()}
         rows = {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in resolved.items()}
         n = len(rows["input_ids"])
-        end = job.start + n
         shard_index = job.start // self._shard
+        crcs = {}
+        for a in self._arrays:
+            self._write_rows(a, job.start, rows[a.name])
+            if a.stored.raw_layout:
+                crcs[a.name] = self._shard_crc(rows[a.name])
+        # the slot is on disk: only now does it join what the next commit publishes
+        for name, crc in crcs.items():
+            self._uncommitted_crcs.setdefault(name, {})[shard_index] = crc
+        self._shard_logical_bytes[shard_index] = n * self._logical_row_bytes
+        self._written_rows = job.start + n
+        self._uncommitted.extend(job.completed)
+
+    def _commit(self, *, closed: bool = False) -> None:
+        """Make every shard written so far count: extents, raw checksums, sample table, token_freq, then
+        the commit record, the one write that publishes them (in memory too, only once it is on disk)."""
         for a in self._arrays:
             arr = self._zarr[a.name]
-            if arr.shape[0] < end:
-                arr.resize((end, *arr.shape[1:]))
-            self._write_rows(a, arr, job.start, rows[a.name])
-            if a.stored.raw_layout:
-                self._record_shard_crc(a.name, shard_index, rows[a.name])
-        self._shard_logical_bytes[shard_index] = n * self._logical_row_bytes
-        commit = self.commit
-        if job.completed:
-            self._append_samples(job.completed)
-            loss_ids = np.concatenate([s.loss_ids for s in job.completed])
-            self._token_freq += np.bincount(loss_ids, minlength=self._vocab)
-            self._part[layout.TOKEN_FREQ][:] = self._token_freq
-            commit.samples += len(job.completed)
-            commit.tokens += sum(s.length for s in job.completed)
-            commit.loss_tokens += sum(s.loss_tokens for s in job.completed)
-        commit.shards = -(-commit.tokens // self._shard)
-        self._part.attrs[layout.COMMIT_KEY] = commit.stamped()
+            if arr.shape[0] < self._written_rows:
+                arr.resize((self._written_rows, *arr.shape[1:]))
+        for name, crcs in self._uncommitted_crcs.items():
+            self._write_crcs(name, crcs)
+        done = list(self._uncommitted)
+        record = replace(self.commit, closed=closed)  # shares source_names, which append extends
+        freq = self._token_freq
+        if done:
+            self._append_samples(done)
+            freq = freq + np.bincount(np.concatenate([s.loss_ids for s in done]), minlength=self._vocab)
+            self._part[layout.TOKEN_FREQ][:] = freq
+            record.samples += len(done)
+            record.tokens += sum(s.length for s in done)
+            record.loss_tokens += sum(s.loss_tokens for s in done)
+        record.shards = -(-record.tokens // self._shard)
+        self._part.attrs[layout.COMMIT_KEY] = record.stamped()
+        self.commit, self._token_freq = record, freq
+        del self._uncommitted[: len(done)]
+        self._uncommitted_crcs = {}
+        self._last_commit = time.monotonic()
 
-    def _write_rows(self, a: TokenArray, arr: zarr.Array, start: int, rows: np.ndarray) -> None:
-        """One shard slot: local stores get the shard's bytes built in one pass (an atomic file replace),
-        remote ones go through zarr."""
+    def _write_rows(self, a: TokenArray, start: int, rows: np.ndarray) -> None:
+        """One shard slot: local stores get the shard's bytes built in one pass (an atomic file replace,
+        past the recorded extent until the commit), remote ones go through zarr (extent first)."""
         if self._local_part is None:
+            arr = self._zarr[a.name]
+            if arr.shape[0] < start + len(rows):
+                arr.resize((start + len(rows), *arr.shape[1:]))
             arr[start : start + len(rows)] = rows
             return
         g = self.manifest.geometry
         shard_index = start // g.shard_tokens
         data = encode_shard(rows, g.chunk_tokens, g.shard_tokens, self._encoders[a.name])
         key = layout.shard_chunk_key(shard_index, len(a.stored.per_token_shape))
-        sync(self._store.set(f"{layout.part_path(self.rank)}/{a.name}/{key}", cpu.Buffer.from_bytes(data)))
+        write_atomic(self._local_part / layout.part_path(self.rank) / a.name / key, data)
         self._shard_file_bytes[(a.name, shard_index)] = len(data)  # for progress: the file is exactly this
 
     @cached_property
@@ -566,17 +629,22 @@ class StoreWriter:
             return None
         return sum(self._shard_logical_bytes.values()), sum(self._shard_file_bytes.values())
 
-    def _record_shard_crc(self, name: str, shard_index: int, rows: np.ndarray) -> None:
-        """Per-shard checksum of raw arrays (per-chunk crc32c would break zero-copy views)."""
-        chunk = self.manifest.geometry.chunk_tokens
-        pad = (-len(rows)) % chunk
+    def _shard_crc(self, rows: np.ndarray) -> int:
+        """Per-shard checksum of raw arrays (per-chunk crc32c would break zero-copy views): the slot's
+        rows padded to whole chunks, as stored."""
+        pad = (-len(rows)) % self.manifest.geometry.chunk_tokens
         crc = crc32c.crc32c(np.ascontiguousarray(rows))
         if pad:
             crc = crc32c.crc32c(bytes(pad * rows[0].nbytes), crc)
+        return crc
+
+    def _write_crcs(self, name: str, crcs: dict[int, int]) -> None:
+        """Store {shard: crc32c} of one raw array (consecutive shards: one zarr write)."""
         arr = self._part[f"shard_crc32c/{name}"]
-        if arr.shape[0] <= shard_index:
-            arr.resize((shard_index + 1,))
-        arr[shard_index] = crc
+        lo, hi = min(crcs), max(crcs) + 1
+        if arr.shape[0] < hi:
+            arr.resize((hi,))
+        arr[lo:hi] = np.array([crcs[k] for k in range(lo, hi)], dtype=np.uint32)
 
     def _append_samples(self, done: list[_PendingSample]) -> None:
         start = self.commit.samples
@@ -607,8 +675,7 @@ class StoreWriter:
                 self._submit(self._take_rows(self._buffered_rows))
             for f in self._inflight:
                 f.result()
-            self.commit.closed = True
-            self._part.attrs[layout.COMMIT_KEY] = self.commit.stamped()
+            self._commit(closed=True)
         finally:
             self._pool.shutdown(wait=True)
             self._encode_pool.shutdown(wait=True)
@@ -621,10 +688,12 @@ class StoreWriter:
         if exc_type is None:
             self.close()
         else:
-            # keep what is committed; let the background writer finish its shard, skip the tail
+            # let the background writer finish its shards and commit them; skip the unwritten tail
             self._closed = True
             self._pool.shutdown(wait=True)
             self._encode_pool.shutdown(wait=True)
+            if self._failed is None and all(f.exception() is None for f in self._inflight):
+                self._commit()
 
 
 def _split_pieces(pieces: list[RowPiece], n: int) -> tuple[list[RowPiece], list[RowPiece]]:

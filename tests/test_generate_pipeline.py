@@ -110,7 +110,10 @@ def test_killed_generate_resumes_without_holes_or_duplicates(
     clean, crashed = tmp_path / "clean" / "store", tmp_path / "crashed" / "store"
     run_cli(*generate_args(tiny_llama3, chat_file, clean, "--shard-tokens", "256", "--batch-tokens", "256"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    args = generate_args(tiny_llama3, chat_file, crashed, "--shard-tokens", "256", "--batch-tokens", "256")
+    # commit after every shard (not once a second), so that the kill lands between commits of a sub-second run
+    args = generate_args(
+        tiny_llama3, chat_file, crashed, "--shard-tokens", "256", "--batch-tokens", "256", "--commit-seconds", "0"
+    )
     child = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while _committed_samples(crashed) == 0 and child.poll() is None and time.time() < deadline:

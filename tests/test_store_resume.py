@@ -1,5 +1,6 @@
 """Resuming a part: after a clean close, after a crash simulated by rolling the commit record back,
-and after a real SIGKILL of a writer process in the middle of a shard write."""
+after a real SIGKILL of a writer process in the middle of a shard write, and after one that wrote
+shards a group commit had not yet published."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from hsstore import HSStoreError, StoreExistsError, StoreReader, StoreWriter
+from hsstore import HSStoreError, SampleError, StoreExistsError, StoreReader, StoreWriter
 
 PART0 = "parts/part-00000"
 
@@ -199,6 +200,29 @@ def test_failed_shard_write_stops_the_writer_and_resume_recovers(
     _check_shard_files(r, store_path)
 
 
+@pytest.mark.parametrize("codec", ["raw", "lossless"])
+def test_group_commit_publishes_written_shards_together(codec, store_path, make_manifest, make_sample, assert_sample):
+    """Shards go to disk as they fill, but readers see their samples only once a commit publishes them;
+    an error in the caller still commits every shard already written (and nothing of the unwritten tail)."""
+    m = make_manifest(codec)
+    samples = [make_sample(i, 100) for i in range(5)]  # 500 tokens: slots 0-2 full (384 rows), s0-s2 complete
+    with pytest.raises(SampleError), StoreWriter(store_path, m, commit_seconds=3600) as w:
+        for s in samples:
+            s.append_to(w)
+        assert len(StoreReader(store_path)) == 0  # written (or being written), not yet committed
+        w.append(torch.zeros(3, dtype=torch.int64), torch.zeros(4, dtype=torch.uint8), {})  # mask != ids
+    r = _check_store(store_path, samples[:3], codec, assert_sample)
+    assert not r.parts[0].commit.closed
+
+    with StoreWriter(store_path, m, resume=True, commit_seconds=3600) as w:
+        for s in samples[3:]:
+            s.append_to(w)
+    r = _check_store(store_path, samples, codec, assert_sample)
+    _check_shard_files(r, store_path)
+    if codec == "raw":
+        _check_raw_shards(r)
+
+
 # --- a real crash: SIGKILL a writer process while it writes shards -----------------------------------
 
 CRASH_H = 256
@@ -265,6 +289,50 @@ def _run_until_killed(location: str, new_shards: int, delay: float) -> tuple[int
         proc.stderr.close()
 
 
+def _uncommitted_child(location: str) -> None:
+    """Write three shard slots under a commit interval that never comes due, then wait to be killed."""
+    torch.set_num_threads(1)
+    with StoreWriter(location, crash_manifest(), commit_seconds=3600) as w:
+        i = tokens = 0
+        while tokens < 3 * CRASH_SHARD:
+            crash_sample(i).append_to(w)
+            tokens += len(crash_sample(i))
+            i += 1
+        for job in w._inflight:  # the shard files are on disk
+            job.result()
+        print("written", flush=True)
+        time.sleep(120)
+
+
+def test_sigkill_between_group_commits_then_resume(store_path, assert_sample):
+    """Shard files a killed writer wrote past its last commit are dropped on resume, not adopted as data."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "uncommitted-child", store_path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "written", f"child failed: {line!r} {proc.stderr.read() if not line else ''}"
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    part = Path(store_path, PART0)
+    assert all(Path(part, "input_ids/c", str(k)).is_file() for k in range(3))  # written ...
+    assert _commit(store_path)["samples"] == 0 and len(StoreReader(store_path)) == 0  # ... never committed
+
+    w = StoreWriter(store_path, crash_manifest(), resume=True)
+    assert w.num_samples == 0
+    for i in range(5):
+        crash_sample(i).append_to(w)
+    w.close()
+    r = _check_store(store_path, [crash_sample(i) for i in range(5)], "lossless", assert_sample)
+    _check_shard_files(r, store_path)  # the killed writer's later shards are gone
+
+
 @pytest.mark.slow
 def test_crash_with_sigkill_then_resume(store_path, assert_sample):
     in_flight_kills = 0
@@ -313,3 +381,5 @@ if __name__ == "__main__":  # child process of the crash test
     sys.path.insert(0, str(Path(__file__).parent))
     if sys.argv[1] == "crash-child":
         _crash_child(sys.argv[2])
+    elif sys.argv[1] == "uncommitted-child":
+        _uncommitted_child(sys.argv[2])

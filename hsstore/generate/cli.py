@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ..writer import COMMIT_SECONDS
 from .pipeline import DEFAULT_CODEC, DEFAULT_TEACHER, DEFAULT_TOPK
 from .regenerate_cli import regenerate
 
@@ -43,6 +44,9 @@ def generate(
     shard_index: Annotated[int, typer.Option(help="Which of them this process is.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue a store this shard already started.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace this shard's part of an existing store.")] = False,
+    commit_seconds: Annotated[
+        float, typer.Option(help="Seconds between commits of written shards (0: after each); what a crash may lose.")
+    ] = COMMIT_SECONDS,
     device: Annotated[
         str, typer.Option(help="cpu or cuda (hf also takes cuda:1; vllm uses CUDA_VISIBLE_DEVICES).")
     ] = "cpu",
@@ -98,6 +102,7 @@ def generate(
         shard_index=shard_index,
         resume=resume,
         overwrite=overwrite,
+        commit_seconds=commit_seconds,
         batch_tokens=batch_tokens,
         max_seq_length=seq_length,
         teacher=teacher,

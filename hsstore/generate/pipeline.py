@@ -22,7 +22,7 @@ import torch
 
 from ..errors import HSStoreError, IncompatibleStoreError
 from ..manifest import Geometry, HiddenSpec, Manifest, SourceInfo, TargetInfo, TeacherSpec, TokenizerInfo
-from ..writer import StoreWriter, content_hash
+from ..writer import COMMIT_SECONDS, StoreWriter, content_hash
 from .backends import HiddenStateBackend
 from .inputs import TokenizedSample
 from .layers import validate_layer_ids
@@ -71,6 +71,7 @@ class StoreSettings:
     teacher: TeacherMode = DEFAULT_TEACHER  # last layer, top-k distribution, or both
     topk: int = DEFAULT_TOPK
     device: str = "cpu"  # where the top-k teacher's lm_head runs
+    commit_seconds: float = COMMIT_SECONDS  # group commit interval: what a crash may lose
 
 
 def build_manifest(
@@ -189,7 +190,12 @@ def run_generate(
     if not ordered:
         raise HSStoreError(f"no samples for shard {settings.shard_index} of {settings.num_shards}: nothing to do")
     with StoreWriter(
-        settings.out, manifest, rank=settings.shard_index, resume=settings.resume, overwrite=settings.overwrite
+        settings.out,
+        manifest,
+        rank=settings.shard_index,
+        resume=settings.resume,
+        overwrite=settings.overwrite,
+        commit_seconds=settings.commit_seconds,
     ) as writer:
         skip = resume_point(writer, ordered)
         stats.skipped_resume = skip
