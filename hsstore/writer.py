@@ -2,8 +2,9 @@
 
 One writer owns one part (a data-parallel rank). Samples are buffered token-major until a shard
 boundary; each full shard is encoded and written by a background thread (overlapping the caller's
-forward pass). Quantizing codecs (fp8, mx*) also encode off the caller's thread: append checks the
-tensor and queues its encode (`_Deferred` rows). The bookkeeping that makes written shards count (the
+forward pass). Quantizing codecs (fp8, mx*) encode there too, a whole shard slot of a role per call:
+append checks the tensor and buffers a copy, so the caller's thread pays neither the encode nor a
+GIL hand-off per sample. The bookkeeping that makes written shards count (the
 array extents, raw checksums, sample table, token_freq and the commit record: ~25 zarr calls) runs
 at most once per `commit_seconds`, for every shard written since (a group commit), so small shards
 do not pay it one by one. `close()` writes the last, partial shard and commits. Reopening with
@@ -39,6 +40,7 @@ from .shardfile import chunk_encoder, encode_shard
 from .storage import local_path, open_store, write_atomic
 
 MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
+ENCODE_BYTES = 32 << 20  # input rows per quantizing encode call (its float32 temporaries are a few times this)
 COMMIT_SECONDS = 1.0  # group commit: a crash loses at most this much written work, plus the shards in flight
 TeacherRows = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]  # (log-probs [n, k], ids [n, k])
 
@@ -54,34 +56,28 @@ class _PendingSample:
 
 
 @dataclass(frozen=True)
-class _Deferred:
-    """Rows lo:hi of one stored array of a sample whose encode runs on the encode thread.
+class _Encoded:
+    """Rows of a quantized role that are already encoded ({suffix: rows}): a resumed part's committed tail.
 
-    Buffers slice it like an array (`len`, `[:n]`, `[n:]`) without waiting; the shard job resolves it."""
+    Buffers slice it like the tensors of new rows (`len`, `[:n]`, `[n:]`); the shard job keeps it as is."""
 
-    future: Future
-    suffix: str
-    lo: int
-    hi: int
+    arrays: dict[str, np.ndarray]
 
     def __len__(self) -> int:
-        return self.hi - self.lo
+        return len(next(iter(self.arrays.values())))
 
-    def __getitem__(self, rows: slice) -> _Deferred:
-        start, stop, _ = rows.indices(len(self))
-        return _Deferred(self.future, self.suffix, self.lo + start, self.lo + stop)
-
-    def result(self) -> np.ndarray:
-        return self.future.result()[self.suffix][self.lo : self.hi]
+    def __getitem__(self, rows: slice) -> _Encoded:
+        return _Encoded({suffix: a[rows] for suffix, a in self.arrays.items()})
 
 
-RowPiece = np.ndarray | _Deferred
+# a buffered piece of rows: stored rows, or for a quantized role the logical rows to encode (or encoded ones)
+RowPiece = np.ndarray | torch.Tensor | _Encoded
 
 
 @dataclass
 class _ShardJob:
     start: int  # first row of the shard slot
-    rows: dict[str, list[RowPiece]]  # array name -> encoded pieces covering rows [start, start + n)
+    rows: dict[str, list[RowPiece]]  # buffer key -> pieces covering rows [start, start + n)
     completed: list[_PendingSample] = field(default_factory=list)
 
 
@@ -119,7 +115,11 @@ class StoreWriter:
         self._token_freq = self._load_token_freq()
         # buffer: rows from self._buffer_start on, not yet handed to a shard job
         self._buffer_start = (self.commit.tokens // self._shard) * self._shard
-        self._buffer: dict[str, list[RowPiece]] = {a.name: [] for a in self._arrays}
+        # quantized roles (main array name -> spec) buffer logical rows under one key and encode per shard
+        self._quantized = {
+            layout.hidden_array_name(h.role): h for h in self.manifest.hidden if not get_codec(h.codec).lossless
+        }
+        self._buffer: dict[str, list[RowPiece]] = {self._buffer_key(a): [] for a in self._arrays}
         self._buffered_rows = 0
         self._reload_tail()
         self._pending: list[_PendingSample] = []
@@ -127,7 +127,6 @@ class StoreWriter:
         self._appended = self.commit.samples  # samples accepted so far, committed or not
         self._rows = self.commit.tokens  # rows accepted so far
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsstore-writer")
-        self._encode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hsstore-encode")
         self._inflight: list[Future] = []
         self._failed: BaseException | None = None  # first background failure: later jobs must not commit
         self._closed = False
@@ -287,9 +286,21 @@ class StoreWriter:
         tail = self.commit.tokens - self._buffer_start
         if tail <= 0:
             return
-        for name, arr in self._zarr.items():
-            self._buffer[name].append(np.asarray(arr[self._buffer_start : self.commit.tokens]))
+        rows = {name: np.asarray(arr[self._buffer_start : self.commit.tokens]) for name, arr in self._zarr.items()}
+        for key in self._buffer:
+            spec = self._quantized.get(key)
+            if spec is None:
+                self._buffer[key].append(rows[key])
+            else:
+                suffixes = get_codec(spec.codec).suffixes
+                encoded = {suffix: rows[layout.hidden_array_name(spec.role, suffix)] for suffix in suffixes}
+                self._buffer[key].append(_Encoded(encoded))
         self._buffered_rows = tail
+
+    def _buffer_key(self, a: TokenArray) -> str:
+        """Stored arrays buffer their own rows; a quantized role's arrays share its main array's key."""
+        main = layout.hidden_array_name(a.role) if a.role is not None else a.name
+        return main if main in self._quantized else a.name
 
     def _load_token_freq(self) -> np.ndarray:
         freq = np.asarray(self._part[layout.TOKEN_FREQ][:], dtype=np.int64)
@@ -392,7 +403,7 @@ class StoreWriter:
             raise SampleError(f"{where}: {len(ids)} tokens exceeds max_seq_length {limit}; truncate it first")
         return ids.astype(np.int32, copy=False), mask.astype(np.uint8, copy=False)
 
-    def _encode_hidden(self, hidden: dict[str, torch.Tensor], n: int, sid: str) -> dict[str, np.ndarray]:
+    def _encode_hidden(self, hidden: dict[str, torch.Tensor], n: int, sid: str) -> dict[str, RowPiece]:
         where = f"{self.location}: sample {sid!r}"
         expected = set(self.manifest.roles)
         if not isinstance(hidden, Mapping):
@@ -403,7 +414,7 @@ class StoreWriter:
                 f"{where}: hidden states for roles {sorted(hidden)}, the store needs {sorted(expected)} "
                 f"(missing {missing}, unexpected {extra}); capture the layers the manifest declares"
             )
-        out: dict[str, np.ndarray] = {}
+        out: dict[str, RowPiece] = {}
         for spec in self.manifest.hidden:
             t = hidden[spec.role]
             if not isinstance(t, torch.Tensor):
@@ -434,10 +445,10 @@ class StoreWriter:
             codec = get_codec(spec.codec)
             if codec.lossless:  # encode is the cast just made: reuse its bits
                 encoded = codec.encode(dtypes.from_storage(bits, spec.logical_dtype), spec.logical_dtype)
-            else:  # quantizing: encode on the encode thread
-                encoded = self._encode_later(codec, t, spec.logical_dtype, n)
-            for suffix, rows in encoded.items():
-                out[layout.hidden_array_name(spec.role, suffix)] = rows
+                for suffix, rows in encoded.items():
+                    out[layout.hidden_array_name(spec.role, suffix)] = rows
+            else:  # quantizing: an own copy (the caller may reuse its buffer), encoded with its shard slot
+                out[layout.hidden_array_name(spec.role)] = t.detach().to("cpu", copy=t.device.type == "cpu")
         return out
 
     def _encode_teacher(self, teacher: TeacherRows | None, mask: np.ndarray, sid: str) -> dict[str, np.ndarray]:
@@ -480,12 +491,6 @@ class StoreWriter:
         out_lp = np.zeros((n, k), dtype=spec.logprob_dtype)
         out_ids[rows], out_lp[rows] = ids, stored_lp
         return {layout.TEACHER_IDS: out_ids, layout.TEACHER_LOGPROBS: out_lp}
-
-    def _encode_later(self, codec: HiddenCodec, t: torch.Tensor, logical: str, n: int) -> dict[str, _Deferred]:
-        """Queue the encode of an own copy of `t` (the caller may reuse its buffer); rows resolve in the shard job."""
-        own = t.detach().to("cpu", copy=t.device.type == "cpu")
-        future = self._encode_pool.submit(codec.encode, own, logical)
-        return {suffix: _Deferred(future, suffix, 0, n) for suffix in codec.suffixes}
 
     def _source_index(self, source: str) -> int:
         names = self.commit.source_names
@@ -552,8 +557,14 @@ class StoreWriter:
     def _write_shard(self, job: _ShardJob) -> None:
         """Write one shard slot of every token array; the samples it completes wait for the next commit."""
         # the copy into one shard-sized array happens here, off the caller's (forward pass's) thread
-        resolved = {name: [p.result() if isinstance(p, _Deferred) else p for p in ps] for name, ps in job.rows.items()}
-        rows = {name: np.concatenate(p) if len(p) > 1 else p[0] for name, p in resolved.items()}
+        rows: dict[str, np.ndarray] = {}
+        for key, pieces in job.rows.items():
+            spec = self._quantized.get(key)
+            if spec is None:
+                rows[key] = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+            else:
+                for suffix, encoded in _encode_pieces(get_codec(spec.codec), pieces, spec.logical_dtype).items():
+                    rows[layout.hidden_array_name(spec.role, suffix)] = encoded
         n = len(rows["input_ids"])
         shard_index = job.start // self._shard
         crcs = {}
@@ -678,7 +689,6 @@ class StoreWriter:
             self._commit(closed=True)
         finally:
             self._pool.shutdown(wait=True)
-            self._encode_pool.shutdown(wait=True)
         return self.commit
 
     def __enter__(self) -> StoreWriter:
@@ -691,9 +701,28 @@ class StoreWriter:
             # let the background writer finish its shards and commit them; skip the unwritten tail
             self._closed = True
             self._pool.shutdown(wait=True)
-            self._encode_pool.shutdown(wait=True)
             if self._failed is None and all(f.exception() is None for f in self._inflight):
                 self._commit()
+
+
+def _encode_pieces(codec: HiddenCodec, pieces: list[RowPiece], logical: str) -> dict[str, np.ndarray]:
+    """A quantized role's pieces of one shard slot -> its stored arrays. New rows are encoded a run of
+    consecutive tensors at a time, up to ENCODE_BYTES a call: few calls (each is ~25 small torch ops,
+    and on a small target per-sample calls were mostly GIL hand-offs), bounded temporaries (the codecs
+    work in float32). Already encoded pieces are kept as they are."""
+    parts: list[dict[str, np.ndarray]] = []
+    run: list[torch.Tensor] = []
+    for piece in [*pieces, None]:
+        if isinstance(piece, torch.Tensor):
+            run.append(piece)
+            if sum(t.nbytes for t in run) < ENCODE_BYTES:
+                continue
+        if run:
+            parts.append(codec.encode(torch.cat(run) if len(run) > 1 else run[0], logical))
+            run = []
+        if isinstance(piece, _Encoded):
+            parts.append(piece.arrays)
+    return {s: np.concatenate([p[s] for p in parts]) if len(parts) > 1 else parts[0][s] for s in codec.suffixes}
 
 
 def _split_pieces(pieces: list[RowPiece], n: int) -> tuple[list[RowPiece], list[RowPiece]]:
