@@ -149,7 +149,7 @@ def test_accepted_input_variants(store_path, make_manifest, make_sample, assert_
 def test_non_finite_is_refused_at_append_for_every_codec(
     codec, value, fragment, store_path, make_manifest, make_sample
 ):
-    """Quantizing codecs encode on a background thread, yet NaN/inf, including a float32 value that only
+    """Quantizing codecs encode later, on the shard thread, yet NaN/inf, including a float32 value that only
     overflows when cast to the logical bf16, is refused at append and the store keeps the good samples."""
     good = make_sample(0, 30)
     bad = make_sample(1, N)

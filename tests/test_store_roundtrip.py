@@ -340,7 +340,7 @@ def test_all_zero_chunks_are_stored(codec, store_path, make_manifest, make_sampl
 
 @pytest.mark.parametrize("codec", ["fp8", "mxfp4"])
 def test_quantizing_codecs_encode_an_own_copy(codec, store_path, make_manifest, make_sample):
-    """fp8/mx encode on the writer's encode thread: a caller reusing its activation buffer right after
+    """fp8/mx encode later, on the writer's shard thread: a caller reusing its activation buffer right after
     append (as a backend with a persistent capture buffer does) must not change what gets stored."""
     samples = [make_sample(i, 100) for i in range(6)]
     buffers = {role: torch.empty_like(t) for role, t in samples[0].hidden.items()}
