@@ -25,7 +25,7 @@ BPE tokenizer and Llama-3 chat template) under benchmarks/.cache/: the embedded 
 larger one (default hidden 1024, 8 layers, 8 heads, 4 kv heads, intermediate 2816). Model and engine load and
 the warm-up are reported separately and excluded from tokens/s.
 
-    python benchmarks/generate_bench.py           # ~17 min on 2 idle cores (longer when the machine is busy)
+    python benchmarks/generate_bench.py           # ~35 min on 2 idle cores (longer when the machine is busy)
     python benchmarks/generate_bench.py --quick   # under 2 min
 """
 
@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     p.add_argument("--backends", default="hf,vllm", help="comma separated: hf, vllm")
     p.add_argument("--targets", default="tiny,large", help="comma separated: tiny, large")
     p.add_argument("--tiny-conversations", type=int, help="ShareGPT conversations for the tiny target (default 1024)")
-    p.add_argument("--large-conversations", type=int, help="... for the large target (default 6)")
+    p.add_argument("--large-conversations", type=int, help="... for the large target (default 40)")
     p.add_argument("--large-hidden", type=int, default=1024)
     p.add_argument("--large-layers", type=int, default=8)
     p.add_argument("--large-heads", type=int, default=8)
@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "tiny": TargetSpec("tiny", 64, 4, 2, 1, 128, pick(a.tiny_conversations, 1024, 24)),
         "large": TargetSpec(
             "large", a.large_hidden, a.large_layers, a.large_heads, a.large_kv_heads, a.large_intermediate,
-            pick(a.large_conversations, 6, 3),
+            pick(a.large_conversations, 40, 3),
         ),
     }  # fmt: skip
     cfg = Config(
