@@ -103,6 +103,7 @@ class StoreWriter:
         self.location = location
         self.rank = rank
         self._store = open_store(location, read_only=False)
+        self._local_part = local_path(location)  # the store's directory (None if remote): shards are written there
         self.manifest = self._open_root(manifest, overwrite)
         self._arrays = layout.token_arrays(self.manifest)
         self._shard = self.manifest.geometry.shard_tokens
@@ -131,7 +132,6 @@ class StoreWriter:
         self._failed: BaseException | None = None  # first background failure: later jobs must not commit
         self._closed = False
         self.commit.closed = False
-        self._local_part = local_path(location)
         self._commit_seconds = commit_seconds
         self._last_commit = time.monotonic()
         self._written_rows = self.commit.tokens  # rows of the shard slots written so far (committed or not)
@@ -254,7 +254,7 @@ class StoreWriter:
                 n_shards = -(-tokens // self._shard)
                 if crc.shape[0] > n_shards:
                     crc.resize((n_shards,))
-        path = local_path(self.location)
+        path = self._local_part
         if path is not None and not self.commit.closed:  # temp files of atomic writes a kill interrupted (zarr's)
             for leftover in path.joinpath(layout.part_path(self.rank)).rglob("*.partial"):
                 leftover.unlink(missing_ok=True)
@@ -265,7 +265,7 @@ class StoreWriter:
         Between group commits a local writer writes shard files beyond the extent the last commit
         recorded; growing the extent over them lets the truncation below drop them like any other
         uncommitted rows (zarr deletes the chunks a shrinking resize leaves outside)."""
-        path = local_path(self.location)
+        path = self._local_part
         if path is None:
             return
         for a in self._arrays:
@@ -701,7 +701,7 @@ class StoreWriter:
             # let the background writer finish its shards and commit them; skip the unwritten tail
             self._closed = True
             self._pool.shutdown(wait=True)
-            if self._failed is None and all(f.exception() is None for f in self._inflight):
+            if self._failed is None:  # a failed job sets it, and has committed what came before it
                 self._commit()
 
 
@@ -712,14 +712,16 @@ def _encode_pieces(codec: HiddenCodec, pieces: list[RowPiece], logical: str) -> 
     work in float32). Already encoded pieces are kept as they are."""
     parts: list[dict[str, np.ndarray]] = []
     run: list[torch.Tensor] = []
+    run_bytes = 0
     for piece in [*pieces, None]:
         if isinstance(piece, torch.Tensor):
             run.append(piece)
-            if sum(t.nbytes for t in run) < ENCODE_BYTES:
+            run_bytes += piece.nbytes
+            if run_bytes < ENCODE_BYTES:
                 continue
         if run:
             parts.append(codec.encode(torch.cat(run) if len(run) > 1 else run[0], logical))
-            run = []
+            run, run_bytes = [], 0
         if isinstance(piece, _Encoded):
             parts.append(piece.arrays)
     return {s: np.concatenate([p[s] for p in parts]) if len(parts) > 1 else parts[0][s] for s in codec.suffixes}
