@@ -166,6 +166,9 @@ def test_bad_settings_fail_with_one_clear_line(
     assert bad_layers.returncode == 1
     assert "out of range" in bad_layers.stderr and "Traceback" not in bad_layers.stderr
     assert not out.exists(), "nothing is written when the settings are wrong"
+    negative = run_cli(*generate_args(tiny_llama3, chat_file, out, "--commit-seconds", "-1"), check=False)
+    assert negative.returncode == 2 and "--commit-seconds" in negative.stderr and "Traceback" not in negative.stderr
+    assert not out.exists()
 
     run_cli(*generate_args(tiny_llama3, chat_file, out, "--max-samples", "5"))
     wider = tiny_target_factory("llama3", hidden_size=128)

@@ -45,7 +45,8 @@ def generate(
     resume: Annotated[bool, typer.Option(help="Continue a store this shard already started.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace this shard's part of an existing store.")] = False,
     commit_seconds: Annotated[
-        float, typer.Option(help="Seconds between commits of written shards (0: after each); what a crash may lose.")
+        float,
+        typer.Option(min=0, help="Seconds between commits of written shards (0: after each); what a crash may lose."),
     ] = COMMIT_SECONDS,
     device: Annotated[
         str, typer.Option(help="cpu or cuda (hf also takes cuda:1; vllm uses CUDA_VISIBLE_DEVICES).")
