@@ -330,7 +330,8 @@ class StoreWriter:
         source: str = "",
         teacher: TeacherRows | None = None,
     ) -> None:
-        """Buffer one sample; full shards go to the background writer.
+        """Buffer one sample; full shards go to the background writer. What is kept is copied: the caller may
+        reuse its tensors as soon as this returns.
 
         `teacher` = (log-probs [n, k] float, ids [n, k] int), required iff the manifest declares a top-k
         teacher: row j is the target's top-k at position j, sorted descending. Only teacher positions
@@ -431,6 +432,8 @@ class StoreWriter:
                 )
             # every codec stores the logical values or encodes them: check those bits here, for all codecs
             bits = dtypes.to_storage(t, spec.logical_dtype)
+            if bits.ctypes.data == t.data_ptr():  # neither cast nor copied: the caller's memory, which it may reuse
+                bits = bits.copy()
             if not dtypes.all_finite(bits, spec.logical_dtype):
                 bad_tokens = (~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()
                 at = (
@@ -442,13 +445,12 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] holds NaN/inf ({at}); "
                     "check the target's dtype (fp16 overflow?) and skip this sample"
                 )
-            codec = get_codec(spec.codec)
+            codec, logical = get_codec(spec.codec), dtypes.from_storage(bits, spec.logical_dtype)
             if codec.lossless:  # encode is the cast just made: reuse its bits
-                encoded = codec.encode(dtypes.from_storage(bits, spec.logical_dtype), spec.logical_dtype)
-                for suffix, rows in encoded.items():
+                for suffix, rows in codec.encode(logical, spec.logical_dtype).items():
                     out[layout.hidden_array_name(spec.role, suffix)] = rows
-            else:  # quantizing: an own copy (the caller may reuse its buffer), encoded with its shard slot
-                out[layout.hidden_array_name(spec.role)] = t.detach().to("cpu", copy=t.device.type == "cpu")
+            else:  # quantizing: the logical values, encoded with their shard slot on the writer's thread
+                out[layout.hidden_array_name(spec.role)] = logical
         return out
 
     def _encode_teacher(self, teacher: TeacherRows | None, mask: np.ndarray, sid: str) -> dict[str, np.ndarray]:

@@ -338,10 +338,11 @@ def test_all_zero_chunks_are_stored(codec, store_path, make_manifest, make_sampl
         assert_sample(got, want, codec)
 
 
-@pytest.mark.parametrize("codec", ["fp8", "mxfp4"])
-def test_quantizing_codecs_encode_an_own_copy(codec, store_path, make_manifest, make_sample):
-    """fp8/mx encode later, on the writer's shard thread: a caller reusing its activation buffer right after
-    append (as a backend with a persistent capture buffer does) must not change what gets stored."""
+@pytest.mark.parametrize("codec", ["raw", "lossless", "fp8", "mxfp4"])
+def test_every_codec_keeps_an_own_copy(codec, store_path, make_manifest, make_sample):
+    """Rows are buffered until their shard fills and fp8/mx encode later, on the writer's shard thread: a caller
+    reusing its activation buffer right after append (as a backend with a persistent capture buffer does) must
+    not change what gets stored, even when its tensors are already contiguous bf16 (nothing to cast)."""
     samples = [make_sample(i, 100) for i in range(6)]
     buffers = {role: torch.empty_like(t) for role, t in samples[0].hidden.items()}
     with StoreWriter(store_path, make_manifest(codec)) as w:
