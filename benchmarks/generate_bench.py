@@ -27,7 +27,7 @@ BPE tokenizer and Llama-3 chat template) under benchmarks/.cache/: the embedded 
 larger one (default hidden 1024, 8 layers, 8 heads, 4 kv heads, intermediate 2816). Model and engine load and
 the warm-up are reported separately and excluded from tokens/s.
 
-    python benchmarks/generate_bench.py           # ~55 min on 2 idle cores (longer when the machine is busy)
+    python benchmarks/generate_bench.py           # ~60 min on 2 idle cores (longer when the machine is busy)
     python benchmarks/generate_bench.py --quick   # under 2 min
 """
 
