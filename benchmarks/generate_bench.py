@@ -591,7 +591,7 @@ def pct(x: float) -> str:
 
 
 def section_rows(res: Result) -> list[list[str]]:
-    """The rows of one target x backend; '-' where a metric does not apply to the ceilings (forward, + head)."""
+    """The rows of one target x backend; '-' where a metric does not apply to the baselines (forward, + head, busy)."""
     runs = [res.best(m) for m in MODES]
     alone = [res.best(m, alone=True) for m in WRITERS]
     pt, pt_alone = res.best("pt"), res.best("pt", alone=True)
