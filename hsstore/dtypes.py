@@ -59,8 +59,8 @@ def to_storage(t: torch.Tensor, logical: str) -> np.ndarray:
 def all_finite(bits: np.ndarray, logical: str) -> bool:
     """No NaN/inf among stored bits (to_storage's output): bf16 is read off its exponent, ~20x faster
     than torch.isfinite on bf16 here."""
-    if logical == "bfloat16":  # exponent all ones = inf or NaN
-        return not bool(np.any((bits & 0x7F80) == 0x7F80))
+    if logical == "bfloat16":  # exponent all ones = inf or NaN; no masked exponent exceeds that, so max finds it
+        return int(np.bitwise_and(bits, 0x7F80).max(initial=0)) != 0x7F80
     return bool(np.isfinite(bits).all())
 
 

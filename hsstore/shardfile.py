@@ -38,7 +38,7 @@ EMPTY = np.uint64(2**64 - 1)
 MAX_OPEN_SHARDS = 512
 
 Decompress = Callable[[Any, np.ndarray], Any]  # (compressed bytes, contiguous destination) -> fills it
-Compress = Callable[[np.ndarray], bytes]  # contiguous chunk -> its compressed bytes
+CompressChunks = Callable[[np.ndarray], Sequence[Any]]  # [chunks, values] contiguous -> a compressed buffer per chunk
 
 
 def corrupt(path: Path, what: str) -> CorruptStoreError:
@@ -77,19 +77,36 @@ def chunk_decoder(compressors: Sequence[Any]) -> Decompress | None:
     raise IncompatibleStoreError(f"no direct decoder for codec chain {list(compressors)}")
 
 
-def zstd_compress(data: np.ndarray, level: int) -> bytes:
-    """One zstd frame (content size in the header, no checksum: what numcodecs writes), through this thread's
-    reused context for `level`; numcodecs builds a context per call (~9 us, most of a small chunk's cost)."""
+def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's reused context for `level`; numcodecs builds a context per call (~9 us, most of a small chunk's
+    cost). Frames carry the content size in the header and no checksum: what numcodecs writes."""
     contexts = getattr(_zstd_contexts, "cctx", None)
     if contexts is None:
         contexts = _zstd_contexts.cctx = {}
     cctx = contexts.get(level)
     if cctx is None:
         cctx = contexts[level] = zstandard.ZstdCompressor(level=level)
-    return cctx.compress(data)
+    return cctx
 
 
-def chunk_encoder(compressors: Sequence[Any]) -> Compress | None:
+def zstd_compress(data: np.ndarray, level: int) -> bytes:
+    """One zstd frame of `data` (contiguous)."""
+    return _zstd_compressor(level).compress(data)
+
+
+def zstd_compress_chunks(chunks: np.ndarray, level: int) -> Sequence[Any]:
+    """One zstd frame per row of `chunks` [n, ...] (contiguous), the same bytes as zstd_compress of each row, in one
+    call that releases the GIL once for all of them instead of once per chunk: each re-acquire can make a forward
+    pass that runs Python (vLLM's scheduler) wait for the GIL."""
+    n = len(chunks)
+    segments = np.empty((n, 2), dtype=np.uint64)
+    segments[:, 0] = np.arange(n, dtype=np.uint64) * np.uint64(chunks.nbytes // n)
+    segments[:, 1] = chunks.nbytes // n
+    frames = _zstd_compressor(level).multi_compress_to_buffer(zstandard.BufferWithSegments(chunks, segments.tobytes()))
+    return [frames[i] for i in range(n)]
+
+
+def chunk_encoder(compressors: Sequence[Any]) -> CompressChunks | None:
     """The compress function matching a StoredArray's zarr compressors (None for raw bytes)."""
     if not compressors:
         return None
@@ -97,21 +114,22 @@ def chunk_encoder(compressors: Sequence[Any]) -> Compress | None:
     if isinstance(first, BloscCodec):
         shuffle = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE}[first.shuffle.value]
         blosc = numcodecs.Blosc(cname=first.cname.value, clevel=first.clevel, shuffle=shuffle)
-        return lambda data: bytes(blosc.encode(data))  # blosc reads the typesize from the array's itemsize
+        # blosc has no batch call; it reads the typesize from each row's itemsize
+        return lambda chunks: [bytes(blosc.encode(chunk)) for chunk in chunks]
     if isinstance(first, ZstdCodec):
-        return partial(zstd_compress, level=first.level)
+        return partial(zstd_compress_chunks, level=first.level)
     raise IncompatibleStoreError(f"no direct encoder for codec chain {list(compressors)}")
 
 
-def encode_shard(rows: np.ndarray, chunk_tokens: int, shard_tokens: int, encoder: Compress | None) -> bytes:
+def encode_shard(rows: np.ndarray, chunk_tokens: int, shard_tokens: int, encoder: CompressChunks | None) -> bytes:
     """Rows [n <= shard_tokens, ...] -> the bytes zarr's sharding codec would write for that shard slot.
 
     Same layout as zarr (chunks in order, a trailing zero-padded last chunk, index at the end with
     crc32c; compressed chunks end with their own crc32c), built in one pass: zarr's per-chunk write
     path cost ~150 us a chunk, which capped the writer near 50-100k tokens/s (generate_bench.py).
-    Raw chunks are the rows' bytes as they lie (one copy, into the result); only compressed chunks
-    are visited one by one. The writer runs this beside the forward pass, holding the GIL for its
-    Python steps, so those are kept few.
+    Raw chunks are the rows' bytes as they lie (one copy, into the result); compressed chunks are
+    encoded in one call per shard where the codec allows (zstd). The writer runs this beside the
+    forward pass, holding the GIL for its Python steps, so those are kept few.
     """
     n_chunks = shard_tokens // chunk_tokens
     used = -(-len(rows) // chunk_tokens)
@@ -124,8 +142,7 @@ def encode_shard(rows: np.ndarray, chunk_tokens: int, shard_tokens: int, encoder
         sizes = np.full(used, data.nbytes // max(used, 1), dtype="<u8")
     else:
         pieces = []
-        for chunk in data.reshape(used, chunk_tokens, *rows.shape[1:]):
-            payload = encoder(chunk)
+        for payload in encoder(data.reshape(used, -1)) if used else []:
             pieces += (payload, crc32c.crc32c(payload).to_bytes(4, "little"))
         sizes = np.array([len(p) + 4 for p in pieces[::2]], dtype="<u8")
     index = np.full((n_chunks, 2), EMPTY, dtype="<u8")
