@@ -108,7 +108,7 @@ class VLLMBackend:
         finally:
             vllm_connector.discard(keys, self._handoff_dir)  # leftovers of a failed batch
         empty = torch.empty(0, len(layer_ids), self.hidden_size, dtype=self.dtype)
-        return [got[i][:, columns] if i in got else empty for i in range(len(batch))]
+        return [_layer_columns(got[i], columns) if i in got else empty for i in range(len(batch))]
 
     def close(self) -> None:
         """Shut the engine down (also before building one for other layer ids) and free its memory."""
@@ -183,6 +183,15 @@ class VLLMBackend:
                 f"device {device!r}: this vLLM build runs on {current_platform.device_type}; "
                 "choose GPUs with CUDA_VISIBLE_DEVICES and tensor_parallel_size, not a device index"
             )
+
+
+def _layer_columns(states: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """[n, engine layers, H] -> [n, len(columns), H]: a view when the columns are consecutive (usually every
+    captured layer in order), so the caller's thread does not copy a sample's states once more."""
+    first = columns[0]
+    if columns == list(range(first, first + len(columns))):
+        return states[:, first : first + len(columns)]
+    return states[:, columns]
 
 
 def _engine_in_process(tensor_parallel_size: int, engine_kwargs: dict[str, Any]) -> bool:
