@@ -89,13 +89,8 @@ def _zstd_compressor(level: int) -> zstandard.ZstdCompressor:
     return cctx
 
 
-def zstd_compress(data: np.ndarray, level: int) -> bytes:
-    """One zstd frame of `data` (contiguous)."""
-    return _zstd_compressor(level).compress(data)
-
-
 def zstd_compress_chunks(chunks: np.ndarray, level: int) -> Sequence[Any]:
-    """One zstd frame per row of `chunks` [n, ...] (contiguous), the same bytes as zstd_compress of each row, in one
+    """One zstd frame per row of `chunks` [n, ...] (contiguous), the bytes numcodecs' Zstd gives for each row, in one
     call that releases the GIL once for all of them instead of once per chunk: each re-acquire can make a forward
     pass that runs Python (vLLM's scheduler) wait for the GIL."""
     n = len(chunks)
