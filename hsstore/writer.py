@@ -526,7 +526,10 @@ class StoreWriter:
         self._inflight.append(self._pool.submit(self._write_job, job))
 
     def _raise_background_error(self) -> None:
-        for f in [f for f in self._inflight if f.done()]:
+        """A finished job's failure, raised on the caller's thread. Once a job has failed (it sets `_failed`, then
+        commits what came before it), wait for it: the caller must see its cause, not the refusal of a later one."""
+        failed = self._failed is not None
+        for f in [f for f in self._inflight if failed or f.done()]:
             self._inflight.remove(f)
             f.result()
 
