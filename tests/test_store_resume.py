@@ -273,7 +273,8 @@ def crash_sample(i: int):
 def _crash_child(location: str) -> None:
     """Resume the store and append samples forever, reporting each commit; the parent kills us."""
     torch.set_num_threads(1)  # the machine is small and shared; threads only add contention here
-    with StoreWriter(location, crash_manifest(), resume=True) as w:
+    # group commits a second apart: a kill finds shard files both in flight and written past the last commit
+    with StoreWriter(location, crash_manifest(), resume=True, commit_seconds=1.0) as w:
         assert w.num_samples == w.commit.samples == len(w.committed_sample_ids())
         i = w.num_samples
         print(f"start {w.commit.samples} {w.commit.tokens} 0", flush=True)
