@@ -93,10 +93,10 @@ def zstd_compress_chunks(chunks: np.ndarray, level: int) -> Sequence[Any]:
     """One zstd frame per row of `chunks` [n, ...] (contiguous), the bytes numcodecs' Zstd gives for each row, in one
     call that releases the GIL once for all of them instead of once per chunk: each re-acquire can make a forward
     pass that runs Python (vLLM's scheduler) wait for the GIL."""
-    n = len(chunks)
+    n, size = len(chunks), chunks.nbytes // len(chunks)
     segments = np.empty((n, 2), dtype=np.uint64)
-    segments[:, 0] = np.arange(n, dtype=np.uint64) * np.uint64(chunks.nbytes // n)
-    segments[:, 1] = chunks.nbytes // n
+    segments[:, 0] = np.arange(n, dtype=np.uint64) * np.uint64(size)
+    segments[:, 1] = size
     frames = _zstd_compressor(level).multi_compress_to_buffer(zstandard.BufferWithSegments(chunks, segments.tobytes()))
     return [frames[i] for i in range(n)]
 
