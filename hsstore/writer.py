@@ -41,9 +41,9 @@ from .storage import local_path, open_store, write_atomic
 
 MAX_PENDING_SHARDS = 2  # bounds memory: shards encoded/written while the caller keeps appending
 ENCODE_BYTES = 32 << 20  # input rows per quantizing encode call (its float32 temporaries are a few times this)
-# group commit: a crash loses at most this much written work, plus the shards in flight. A commit is ~25 zarr calls:
-# ~30 ms wall, of which the writer thread's own CPU is ~1.5 ms; the rest runs in zarr's event-loop thread, whose
-# Python takes the GIL that a forward pass's Python (vLLM's scheduler) also needs
+# group commit: a crash loses at most this much written work, plus the shards in flight. A commit is ~25 zarr calls,
+# run mostly in zarr's event-loop thread, whose Python takes the GIL that a forward pass's Python (vLLM's
+# scheduler) also needs: rare commits keep that off the forward
 COMMIT_SECONDS = 10.0
 TeacherRows = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]  # (log-probs [n, k], ids [n, k])
 
