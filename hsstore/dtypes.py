@@ -47,10 +47,15 @@ def _lookup(logical: str) -> tuple[torch.dtype, np.dtype]:
         ) from None
 
 
-def to_storage(t: torch.Tensor, logical: str) -> np.ndarray:
-    """Bits of a tensor as the numpy array zarr stores (bf16 -> uint16, no arithmetic)."""
+def to_storage(t: torch.Tensor, logical: str, *, copy: bool = False) -> np.ndarray:
+    """Bits of a tensor as the numpy array zarr stores (bf16 -> uint16, no arithmetic).
+
+    `copy`: never share the tensor's memory (a cast or a gather of a strided view already copies; else clone)."""
     tdt, ndt = _lookup(logical)
-    t = t.detach().to("cpu", tdt).contiguous()
+    src = t.detach()
+    t = src.to("cpu", tdt).contiguous()
+    if copy and t.data_ptr() == src.data_ptr():
+        t = t.clone()
     if tdt == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ndt)
     return t.numpy()

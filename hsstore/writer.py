@@ -73,8 +73,8 @@ class _Encoded:
         return _Encoded({suffix: a[rows] for suffix, a in self.arrays.items()})
 
 
-# a buffered piece of rows: stored rows, or for a quantized role the logical rows to encode (or encoded ones)
-RowPiece = np.ndarray | torch.Tensor | _Encoded
+# a buffered piece of rows: stored rows, or for a quantized role the logical bits to encode (or encoded rows)
+RowPiece = np.ndarray | _Encoded
 
 
 @dataclass
@@ -119,7 +119,7 @@ class StoreWriter:
         self._token_freq = self._load_token_freq()
         # buffer: rows from self._buffer_start on, not yet handed to a shard job
         self._buffer_start = (self.commit.tokens // self._shard) * self._shard
-        # quantized roles (main array name -> spec) buffer logical rows under one key and encode per shard
+        # quantized roles (main array name -> spec) buffer their logical bits under one key and encode per shard
         self._quantized = {
             layout.hidden_array_name(h.role): h for h in self.manifest.hidden if not get_codec(h.codec).lossless
         }
@@ -355,7 +355,7 @@ class StoreWriter:
             self._buffer[name].append(rows)
         self._buffered_rows += len(ids)
         self._rows += len(ids)
-        loss_ids = ids[mask.astype(bool)]
+        loss_ids = ids[mask.view(np.bool_)]  # mask is 0/1 uint8 (checked)
         self._pending.append(
             _PendingSample(
                 length=len(ids),
@@ -387,18 +387,14 @@ class StoreWriter:
                 f"{where}: loss_mask has {len(mask)} tokens but input_ids has {len(ids)}; "
                 "they must cover the same tokens, one mask value per token"
             )
-        if not np.issubdtype(ids.dtype, np.integer):
+        if ids.dtype.kind not in "iu":
             raise SampleError(f"{where}: input_ids must be integers, got {ids.dtype}")
         if ids.min() < 0 or ids.max() >= self._vocab:
             raise SampleError(
                 f"{where}: token id {int(ids.max() if ids.max() >= self._vocab else ids.min())} is outside the "
                 f"target vocab 0..{self._vocab - 1}; was it tokenized with another tokenizer?"
             )
-        if (
-            not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_)
-            or mask.max(initial=0) > 1
-            or mask.min(initial=0) < 0
-        ):
+        if mask.dtype.kind not in "iub" or mask.max(initial=0) > 1 or (mask.dtype.kind == "i" and mask.min() < 0):
             raise SampleError(
                 f"{where}: loss_mask must hold only 0/1 (or bool), got {mask.dtype} {np.unique(mask)[:5]}"
             )
@@ -433,10 +429,9 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}; "
                     f"pass the target's activations as they come out of the model ({spec.logical_dtype} or float32)"
                 )
-            # every codec stores the logical values or encodes them: check those bits here, for all codecs
-            bits = dtypes.to_storage(t, spec.logical_dtype)
-            if bits.ctypes.data == t.data_ptr():  # neither cast nor copied: the caller's memory, which it may reuse
-                bits = bits.copy()
+            # every codec stores the logical values or encodes them: check those bits here, for all codecs. A copy:
+            # the caller may reuse its tensor
+            bits = dtypes.to_storage(t, spec.logical_dtype, copy=True)
             if not dtypes.all_finite(bits, spec.logical_dtype):
                 bad_tokens = (~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()
                 at = (
@@ -448,12 +443,9 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] holds NaN/inf ({at}); "
                     "check the target's dtype (fp16 overflow?) and skip this sample"
                 )
-            codec, logical = get_codec(spec.codec), dtypes.from_storage(bits, spec.logical_dtype)
-            if codec.lossless:  # encode is the cast just made: reuse its bits
-                for suffix, rows in codec.encode(logical, spec.logical_dtype).items():
-                    out[layout.hidden_array_name(spec.role, suffix)] = rows
-            else:  # quantizing: the logical values, encoded with their shard slot on the writer's thread
-                out[layout.hidden_array_name(spec.role)] = logical
+            # lossless codecs store the logical bits as they are (what the reader assumes too); quantizing ones encode
+            # them with their shard slot, on the writer's thread
+            out[layout.hidden_array_name(spec.role)] = bits
         return out
 
     def _encode_teacher(self, teacher: TeacherRows | None, mask: np.ndarray, sid: str) -> dict[str, np.ndarray]:
@@ -476,7 +468,7 @@ class StoreWriter:
         for name, arr in (("logprobs", logprobs), ("ids", ids)):
             if arr.shape != (n, k):
                 raise SampleError(f"{where}: teacher {name} has shape {arr.shape}, expected {(n, k)} (tokens, k)")
-        if not np.issubdtype(ids.dtype, np.integer):
+        if ids.dtype.kind not in "iu":
             raise SampleError(f"{where}: teacher ids must be integers, got {ids.dtype}")
         if not np.issubdtype(logprobs.dtype, np.floating):
             raise SampleError(f"{where}: teacher logprobs must be floating point, got {logprobs.dtype}")
@@ -714,21 +706,22 @@ class StoreWriter:
 
 
 def _encode_pieces(codec: HiddenCodec, pieces: list[RowPiece], logical: str) -> dict[str, np.ndarray]:
-    """A quantized role's pieces of one shard slot -> its stored arrays. New rows are encoded a run of
-    consecutive tensors at a time, up to ENCODE_BYTES a call: few calls (each is ~25 small torch ops,
+    """A quantized role's pieces of one shard slot -> its stored arrays. New rows (logical bits) are encoded a
+    run of consecutive pieces at a time, up to ENCODE_BYTES a call: few calls (each is ~25 small torch ops,
     and on a small target per-sample calls were mostly GIL hand-offs), bounded temporaries (the codecs
     work in float32). Already encoded pieces are kept as they are."""
     parts: list[dict[str, np.ndarray]] = []
-    run: list[torch.Tensor] = []
+    run: list[np.ndarray] = []
     run_bytes = 0
     for piece in [*pieces, None]:
-        if isinstance(piece, torch.Tensor):
+        if isinstance(piece, np.ndarray):
             run.append(piece)
             run_bytes += piece.nbytes
             if run_bytes < ENCODE_BYTES:
                 continue
         if run:
-            parts.append(codec.encode(torch.cat(run) if len(run) > 1 else run[0], logical))
+            bits = np.concatenate(run) if len(run) > 1 else run[0]
+            parts.append(codec.encode(dtypes.from_storage(bits, logical), logical))
             run, run_bytes = [], 0
         if isinstance(piece, _Encoded):
             parts.append(piece.arrays)
@@ -762,8 +755,8 @@ def teacher_positions(loss_mask: np.ndarray) -> np.ndarray:
 def content_hash(ids: np.ndarray, mask: np.ndarray) -> int:
     """64-bit digest of a sample's tokens and mask: finds duplicates and mismatched resumes."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
-    h.update(np.ascontiguousarray(mask, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(ids, dtype=np.int32))
+    h.update(np.ascontiguousarray(mask, dtype=np.uint8))
     return int.from_bytes(h.digest(), "little")
 
 
