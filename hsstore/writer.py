@@ -14,10 +14,11 @@ buffer, so the next shard rewrite (an atomic file replace) extends it: no holes,
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -27,6 +28,7 @@ import crc32c
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 from zarr.errors import ContainsGroupError
 
 from . import dtypes, layout
@@ -115,6 +117,8 @@ class StoreWriter:
         # write_empty_chunks is not persisted: without it zarr drops all-zero chunks, breaking raw layout
         self._zarr = {a.name: self._part[a.name].with_config({"write_empty_chunks": True}) for a in self._arrays}
         self._samples = {name: self._part[f"{layout.SAMPLES_GROUP}/{name}"] for name in layout.SAMPLE_FIELDS}
+        self._crc_arrays = {a.name: self._part[f"shard_crc32c/{a.name}"] for a in self._arrays if a.stored.raw_layout}
+        self._freq_array = self._part[layout.TOKEN_FREQ]
         self._truncate_to_commit()
         self._token_freq = self._load_token_freq()
         # buffer: rows from self._buffer_start on, not yet handed to a shard job
@@ -182,17 +186,18 @@ class StoreWriter:
                 )
             return part, commit
         part = root.create_group(path, overwrite=True)
-        self._create_arrays(part)
+        self._create_arrays(path)
         commit = CommitRecord()
         part.attrs[layout.COMMIT_KEY] = commit.stamped()
         return part, commit
 
-    def _create_arrays(self, part: zarr.Group) -> None:
+    def _create_arrays(self, path: str) -> None:
+        """Every array of a new part, created together: one round trip to zarr's event loop, not one per array."""
         g = self.manifest.geometry
+        specs: dict[str, dict[str, Any]] = {}
         for a in self._arrays:
             shape = a.stored.per_token_shape
-            part.create_array(
-                a.name,
+            specs[a.name] = dict(
                 shape=(0, *shape),
                 dtype=a.stored.dtype,
                 chunks=(g.chunk_tokens, *shape),
@@ -203,10 +208,18 @@ class StoreWriter:
                 config={"write_empty_chunks": True},
             )
             if a.stored.raw_layout:
-                part.create_array(f"shard_crc32c/{a.name}", shape=(0,), dtype="uint32", chunks=(4096,))
+                specs[f"shard_crc32c/{a.name}"] = dict(shape=(0,), dtype="uint32", chunks=(4096,))
         for name, dtype in layout.SAMPLE_FIELDS.items():
-            part.create_array(f"{layout.SAMPLES_GROUP}/{name}", shape=(0,), dtype=dtype, chunks=(layout.SAMPLE_CHUNK,))
-        part.create_array(layout.TOKEN_FREQ, shape=(self._vocab,), dtype="int64", chunks=(self._vocab,), fill_value=0)
+            specs[f"{layout.SAMPLES_GROUP}/{name}"] = dict(shape=(0,), dtype=dtype, chunks=(layout.SAMPLE_CHUNK,))
+        specs[layout.TOKEN_FREQ] = dict(shape=(self._vocab,), dtype="int64", chunks=(self._vocab,), fill_value=0)
+
+        async def create_all() -> None:
+            part = await zarr.api.asynchronous.open_group(store=self._store, path=path, mode="r+", zarr_format=3)
+            subgroups = {name.rpartition("/")[0] for name in specs} - {""}
+            await asyncio.gather(*(part.create_group(name) for name in subgroups))  # before their arrays
+            await asyncio.gather(*(part.create_array(name, **kwargs) for name, kwargs in specs.items()))
+
+        sync(create_all())
 
     def _array_attrs(self, a: TokenArray) -> dict:
         t = self.manifest.teacher
@@ -253,7 +266,7 @@ class StoreWriter:
                     tail_crc = self._shard_crc(np.asarray(arr[tail_start:tokens]))
                     self._write_crcs(a.name, {tail_start // self._shard: tail_crc})
             if a.stored.raw_layout:
-                crc = self._part[f"shard_crc32c/{a.name}"]
+                crc = self._crc_arrays[a.name]
                 n_shards = -(-tokens // self._shard)
                 if crc.shape[0] > n_shards:
                     crc.resize((n_shards,))
@@ -306,12 +319,12 @@ class StoreWriter:
         return main if main in self._quantized else a.name
 
     def _load_token_freq(self) -> np.ndarray:
-        freq = np.asarray(self._part[layout.TOKEN_FREQ][:], dtype=np.int64)
+        freq = np.asarray(self._freq_array[:], dtype=np.int64)
         if int(freq.sum()) == self.commit.loss_tokens:
             return freq
         # a crash between the freq write and the commit record: recount from committed rows
         freq = recount_token_freq(self._zarr["input_ids"], self._zarr["loss_mask"], self.commit.tokens, self._vocab)
-        self._part[layout.TOKEN_FREQ][:] = freq
+        self._freq_array[:] = freq
         return freq
 
     # --- appending --------------------------------------------------------------------------
@@ -581,20 +594,19 @@ class StoreWriter:
 
     def _commit(self, *, closed: bool = False) -> None:
         """Make every shard written so far count: extents, raw checksums, sample table, token_freq, then
-        the commit record, the one write that publishes them (in memory too, only once it is on disk)."""
-        for a in self._arrays:
-            arr = self._zarr[a.name]
-            if arr.shape[0] < self._written_rows:
-                arr.resize((self._written_rows, *arr.shape[1:]))
-        for name, crcs in self._uncommitted_crcs.items():
-            self._write_crcs(name, crcs)
+        the commit record, the one write that publishes them (in memory too, only once it is on disk).
+        The writes before the record go to zarr together, in one round trip to its event loop."""
+        writes = [_extend(self._zarr[a.name], self._written_rows) for a in self._arrays]
+        writes += [self._crc_write(name, crcs) for name, crcs in self._uncommitted_crcs.items()]
         done = list(self._uncommitted)
         record = replace(self.commit, closed=closed)  # shares source_names, which append extends
         freq = self._token_freq
         if done:
-            self._append_samples(done)
+            writes += self._sample_writes(done)
             freq = freq + np.bincount(np.concatenate([s.loss_ids for s in done]), minlength=self._vocab)
-            self._part[layout.TOKEN_FREQ][:] = freq
+            writes.append(self._freq_array.async_array.setitem(slice(None), freq))
+        _concurrently(writes)
+        if done:
             record.samples += len(done)
             record.tokens += sum(s.length for s in done)
             record.loss_tokens += sum(s.loss_tokens for s in done)
@@ -650,14 +662,15 @@ class StoreWriter:
         return crc
 
     def _write_crcs(self, name: str, crcs: dict[int, int]) -> None:
-        """Store {shard: crc32c} of one raw array (consecutive shards: one zarr write)."""
-        arr = self._part[f"shard_crc32c/{name}"]
-        lo, hi = min(crcs), max(crcs) + 1
-        if arr.shape[0] < hi:
-            arr.resize((hi,))
-        arr[lo:hi] = np.array([crcs[k] for k in range(lo, hi)], dtype=np.uint32)
+        _concurrently([self._crc_write(name, crcs)])
 
-    def _append_samples(self, done: list[_PendingSample]) -> None:
+    def _crc_write(self, name: str, crcs: dict[int, int]) -> Coroutine[Any, Any, None]:
+        """Store {shard: crc32c} of one raw array (consecutive shards: one zarr write)."""
+        lo, hi = min(crcs), max(crcs) + 1
+        return _extend(self._crc_arrays[name], hi, lo, np.array([crcs[k] for k in range(lo, hi)], dtype=np.uint32))
+
+    def _sample_writes(self, done: list[_PendingSample]) -> list[Coroutine[Any, Any, None]]:
+        """The sample table's rows of `done`, which follow the committed samples."""
         start = self.commit.samples
         end = start + len(done)
         offsets = self.commit.tokens + np.concatenate([[0], np.cumsum([s.length for s in done])[:-1]])
@@ -669,11 +682,7 @@ class StoreWriter:
             "sample_id": np.array([s.sample_id for s in done], dtype=object),
             "content_hash": np.array([s.content_hash for s in done], dtype=np.uint64),
         }
-        for name, values in columns.items():
-            arr = self._samples[name]
-            if arr.shape[0] != end:
-                arr.resize((end,))
-            arr[start:end] = values
+        return [_extend(self._samples[name], end, start, values) for name, values in columns.items()]
 
     # --- closing ----------------------------------------------------------------------------
     def close(self) -> CommitRecord:
@@ -703,6 +712,24 @@ class StoreWriter:
             self._pool.shutdown(wait=True)
             if self._failed is None:  # a failed job sets it, and has committed what came before it
                 self._commit()
+
+
+async def _extend(arr: zarr.Array, end: int, start: int = 0, values: np.ndarray | None = None) -> None:
+    """Grow `arr` to `end` rows if it is shorter, then write `values` at row `start` (one array's writes in order)."""
+    a = arr.async_array
+    if a.shape[0] < end:
+        await a.resize((end, *a.shape[1:]))
+    if values is not None:
+        await a.setitem(slice(start, start + len(values)), values)
+
+
+def _concurrently(writes: list[Coroutine[Any, Any, None]]) -> None:
+    """Run zarr writes on zarr's event loop together: one round trip from this thread instead of one per call."""
+
+    async def run_all() -> None:
+        await asyncio.gather(*writes)
+
+    sync(run_all())
 
 
 def _encode_pieces(codec: HiddenCodec, pieces: list[RowPiece], logical: str) -> dict[str, np.ndarray]:
