@@ -48,14 +48,21 @@ def _lookup(logical: str) -> tuple[torch.dtype, np.dtype]:
 
 
 def to_storage(t: torch.Tensor, logical: str, *, copy: bool = False) -> np.ndarray:
-    """Bits of a tensor as the numpy array zarr stores (bf16 -> uint16, no arithmetic).
+    """Bits of a tensor as the numpy array zarr stores (bf16 -> uint16, no arithmetic), contiguous.
 
     `copy`: never share the tensor's memory (a cast or a gather of a strided view already copies; else clone)."""
-    tdt, ndt = _lookup(logical)
     src = t.detach()
-    t = src.to("cpu", tdt).contiguous()
+    t = src.to("cpu", torch_dtype(logical)).contiguous()
     if copy and t.data_ptr() == src.data_ptr():
         t = t.clone()
+    return storage_view(t, logical)
+
+
+def storage_view(t: torch.Tensor, logical: str) -> np.ndarray:
+    """The bits to_storage gives, as a view of the tensor's memory (any strides) when it already is a CPU tensor
+    of the logical dtype; a cast copy otherwise."""
+    tdt, ndt = _lookup(logical)
+    t = t.detach().to("cpu", tdt)
     if tdt == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ndt)
     return t.numpy()

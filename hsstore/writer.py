@@ -345,9 +345,12 @@ class StoreWriter:
         sample_id: str | None = None,
         source: str = "",
         teacher: TeacherRows | None = None,
+        copy: bool = True,
     ) -> None:
         """Buffer one sample; full shards go to the background writer. What is kept is copied: the caller may
-        reuse its tensors as soon as this returns.
+        reuse its arrays as soon as this returns. `copy=False` keeps references instead (no copy on the caller's
+        thread; the shard job makes the contiguous one): only for arrays the caller never changes afterwards,
+        like the fresh tensors generate's backends return for each batch.
 
         `teacher` = (log-probs [n, k] float, ids [n, k] int), required iff the manifest declares a top-k
         teacher: row j is the target's top-k at position j, sorted descending. Only teacher positions
@@ -360,9 +363,9 @@ class StoreWriter:
         if self._closed:
             raise RuntimeError(f"writer for {self.location} is closed")
         sid = str(sample_id) if sample_id is not None else str(self._appended)
-        ids, mask = self._check_tokens(input_ids, loss_mask, sid)
+        ids, mask = self._check_tokens(input_ids, loss_mask, sid, copy)
         encoded = {"input_ids": ids, "loss_mask": mask}
-        encoded.update(self._encode_hidden(hidden, len(ids), sid))
+        encoded.update(self._encode_hidden(hidden, len(ids), sid, copy))
         encoded.update(self._encode_teacher(teacher, mask, sid))
         for name, rows in encoded.items():
             self._buffer[name].append(rows)
@@ -384,7 +387,7 @@ class StoreWriter:
         while self._buffered_rows >= self._shard:
             self._submit(self._take_rows(self._shard))
 
-    def _check_tokens(self, input_ids, loss_mask, sid: str) -> tuple[np.ndarray, np.ndarray]:
+    def _check_tokens(self, input_ids, loss_mask, sid: str, copy: bool) -> tuple[np.ndarray, np.ndarray]:
         ids = _as_numpy(input_ids)
         mask = _as_numpy(loss_mask)
         where = f"{self.location}: sample {sid!r}"
@@ -414,9 +417,9 @@ class StoreWriter:
         limit = self.manifest.max_seq_length
         if limit is not None and len(ids) > limit:
             raise SampleError(f"{where}: {len(ids)} tokens exceeds max_seq_length {limit}; truncate it first")
-        return ids.astype(np.int32, copy=False), mask.astype(np.uint8, copy=False)
+        return ids.astype(np.int32, copy=copy), mask.astype(np.uint8, copy=copy)
 
-    def _encode_hidden(self, hidden: dict[str, torch.Tensor], n: int, sid: str) -> dict[str, RowPiece]:
+    def _encode_hidden(self, hidden: dict[str, torch.Tensor], n: int, sid: str, copy: bool) -> dict[str, RowPiece]:
         where = f"{self.location}: sample {sid!r}"
         expected = set(self.manifest.roles)
         if not isinstance(hidden, Mapping):
@@ -442,10 +445,10 @@ class StoreWriter:
                     f"{where}: hidden[{spec.role!r}] must be floating point, got {t.dtype}; "
                     f"pass the target's activations as they come out of the model ({spec.logical_dtype} or float32)"
                 )
-            # every codec stores the logical values or encodes them: check those bits here, for all codecs. A copy:
-            # the caller may reuse its tensor
-            bits = dtypes.to_storage(t, spec.logical_dtype, copy=True)
-            if not dtypes.all_finite(bits, spec.logical_dtype):
+            # every codec stores the logical values or encodes them: check those bits here, for all codecs
+            logical = spec.logical_dtype
+            bits = dtypes.to_storage(t, logical, copy=True) if copy else dtypes.storage_view(t, logical)
+            if not dtypes.all_finite(bits, logical):
                 bad_tokens = (~torch.isfinite(t)).reshape(n, -1).any(dim=1).nonzero()
                 at = (
                     f"first at token {int(bad_tokens[0, 0])}"
@@ -574,7 +577,7 @@ class StoreWriter:
         for key, pieces in job.rows.items():
             spec = self._quantized.get(key)
             if spec is None:
-                rows[key] = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+                rows[key] = np.concatenate(pieces) if len(pieces) > 1 else np.ascontiguousarray(pieces[0])
             else:
                 for suffix, encoded in _encode_pieces(get_codec(spec.codec), pieces, spec.logical_dtype).items():
                     rows[layout.hidden_array_name(spec.role, suffix)] = encoded

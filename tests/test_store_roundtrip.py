@@ -342,24 +342,32 @@ def test_all_zero_chunks_are_stored(codec, store_path, make_manifest, make_sampl
 def test_every_codec_keeps_an_own_copy(codec, store_path, make_manifest, make_sample):
     """Rows are buffered until their shard fills and fp8/mx encode later, on the writer's shard thread: a caller
     reusing its activation buffer right after append (as a backend with a persistent capture buffer does) must
-    not change what gets stored, even when its tensors are already contiguous bf16 (nothing to cast)."""
+    not change what gets stored, even when its arrays are already contiguous bf16, int32, uint8 (nothing to cast).
+    What it stores is what copy=False stores from views of one capture."""
     samples = [make_sample(i, 100) for i in range(6)]
     buffers = {role: torch.empty_like(t) for role, t in samples[0].hidden.items()}
+    ids, mask = np.empty(100, np.int32), np.empty(100, np.uint8)  # the stored dtypes: nothing to cast either
     with StoreWriter(store_path, make_manifest(codec)) as w:
         for s in samples:
             for role, t in s.hidden.items():
                 buffers[role].copy_(t)
-            w.append(s.input_ids, s.loss_mask, dict(buffers), sample_id=s.sample_id)
+            ids[:], mask[:] = s.input_ids, s.loss_mask
+            w.append(ids, mask, dict(buffers), sample_id=s.sample_id)
         for t in buffers.values():
             t.fill_(1e4)  # overwrite after the last append: any encode still reading it would see this
+        ids[:], mask[:] = 0, 0
     with StoreWriter(f"{store_path}-direct", make_manifest(codec)) as w:
-        for s in samples:
-            s.append_to(w)
+        for s in samples:  # copy=False, as generate appends: strided role views of one capture, kept until written
+            states = torch.cat([s.hidden["aux"], s.hidden["last"].unsqueeze(1)], dim=1)
+            roles = {"aux": states[:, :-1], "last": states[:, -1]}
+            w.append(s.input_ids, s.loss_mask, roles, sample_id=s.sample_id, copy=False)
     queued, direct = StoreReader(store_path), StoreReader(f"{store_path}-direct")
     for i in range(len(samples)):
         for role in ("aux", "last"):
             assert torch.equal(queued[i][role], direct[i][role])
             assert float(queued[i][role].float().abs().max()) < 1e3
+        assert np.array_equal(np.asarray(queued[i]["input_ids"]), np.asarray(samples[i].input_ids))
+        assert np.array_equal(np.asarray(queued[i]["loss_mask"]), np.asarray(samples[i].loss_mask))
 
 
 def test_zstd_chunks_decode_through_a_reused_context_and_check_their_size() -> None:
