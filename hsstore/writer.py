@@ -3,13 +3,14 @@
 One writer owns one part (a data-parallel rank). Samples are buffered token-major until a shard
 boundary; each full shard is encoded and written by a background thread (overlapping the caller's
 forward pass). Quantizing codecs (fp8, mx*) encode there too, a whole shard slot of a role per call:
-append checks the tensor and buffers a copy, so the caller's thread pays neither the encode nor a
-GIL hand-off per sample. The bookkeeping that makes written shards count (the
-array extents, raw checksums, sample table, token_freq and the commit record: ~25 zarr calls) runs
-at most once per `commit_seconds`, for every shard written since (a group commit), so small shards
-do not pay it one by one. `close()` writes the last, partial shard and commits. Reopening with
-`resume=True` drops whatever lies past the commit record and reloads the partial tail into the
-buffer, so the next shard rewrite (an atomic file replace) extends it: no holes, no duplicates.
+append checks the tensor's bits and buffers them (a copy, or with copy=False a view), so the caller's
+thread pays neither the encode nor a GIL hand-off per sample. The bookkeeping that makes written
+shards count (the array extents, raw checksums, sample table, token_freq, then the commit record:
+~25 zarr calls, all but the record sent together) runs at most once per `commit_seconds`, for every
+shard written since (a group commit), so small shards do not pay it one by one. `close()` writes
+the last, partial shard and commits. Reopening with `resume=True` drops whatever lies past the
+commit record and reloads the partial tail into the buffer, so the next shard rewrite (an atomic
+file replace) extends it: no holes, no duplicates.
 """
 
 from __future__ import annotations
