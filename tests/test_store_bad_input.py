@@ -77,9 +77,10 @@ BAD = {
 }
 
 
+@pytest.mark.parametrize("copy", [True, False], ids=["copy", "no-copy"])  # no-copy: what generate appends with
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_sample_is_refused_and_the_writer_keeps_working(
-    case, store_path, make_manifest, make_sample, assert_sample
+    case, copy, store_path, make_manifest, make_sample, assert_sample
 ):
     build, fragments = BAD[case]
     # 200 tokens: shard 0 is written in the background (committing sample 0), samples 1-2 stay buffered
@@ -89,7 +90,7 @@ def test_bad_sample_is_refused_and_the_writer_keeps_working(
         s.append_to(w)
     bad = build(make_sample(99, N))
     with pytest.raises(SampleError) as info:
-        w.append(bad["input_ids"], bad["loss_mask"], bad["hidden"], sample_id="bad-7")
+        w.append(bad["input_ids"], bad["loss_mask"], bad["hidden"], sample_id="bad-7", copy=copy)
     msg = str(info.value)
     assert "sample 'bad-7'" in msg and store_path in msg, msg
     for fragment in fragments:
